@@ -1,0 +1,3 @@
+"""mrl: how far can Matryoshka embeddings be truncated before retrieval quality drops?"""
+
+__version__ = "0.1.0"
