@@ -402,7 +402,8 @@ def summarise(
     group (Holm by default). The largest dim is not tested against itself, so it gets
     p_value = p_adjusted = 1 and stays out of the correction.
 
-    Within a group all dims share the same resampled queries and sign vectors.
+    Within a group all dims share the same resampled queries and sign vectors. Queries
+    are ordered by query_id first, so the result does not depend on the row order.
     ``n_permutations=None`` uses max(10,000, 40 x number of tested dims) sign vectors so
     that Holm-adjusted p-values can reach 0.05.
 

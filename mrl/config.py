@@ -11,6 +11,7 @@ from mrl.sweep import INDEXES, HnswParams
 
 DEFAULT_MODEL = "Qwen/Qwen3-Embedding-0.6B"
 DEFAULT_DATASET = "nfcorpus"
+GENERIC_FOLDER_NAMES = {"model", "models", "checkpoint", "final"}
 
 
 @dataclass
@@ -48,13 +49,18 @@ class SweepConfig:
 
     @property
     def model_name(self) -> str:
-        """Return the model to embed with, or the label of precomputed vectors.
+        """Return the name results carry in their ``model`` column.
 
-        With ``embeddings`` and no model, the label is the embeddings folder's name;
-        with neither, it is the default model.
+        A hub name stays as given; a local folder is named by its folder name. With
+        ``embeddings`` and no model, the label is the embeddings folder's name; with
+        neither, it is the default model.
         """
         if self.model:
-            return self.model
+            folder = Path(self.model).expanduser()
+            if not folder.is_dir():
+                return self.model
+            # Packaged models often sit in a folder named just "model"; its parent names it.
+            return f"{folder.resolve().parent.name}/{folder.name}" if folder.name in GENERIC_FOLDER_NAMES else folder.resolve().name
         if self.embeddings is not None:
             return Path(self.embeddings).resolve().name
         return DEFAULT_MODEL

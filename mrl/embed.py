@@ -187,7 +187,7 @@ class EmbeddingActor:
 
     def info(self) -> dict:
         return {
-            "dim": self.model.get_sentence_embedding_dimension(),
+            "dim": self.model.get_embedding_dimension() if hasattr(self.model, "get_embedding_dimension") else self.model.get_sentence_embedding_dimension(),
             "prompts": dict(self.model.prompts or {}),
             "max_seq_length": self.model.max_seq_length,
             "precision": "bf16" if self.half else "fp32",

@@ -26,7 +26,7 @@ import ray
 from tqdm.auto import tqdm
 
 from mrl import charts
-from mrl.config import SweepConfig, safe_name
+from mrl.config import DEFAULT_MODEL, SweepConfig, safe_name
 from mrl.data import Dataset, cache_dir, hash_files, load_dataset
 from mrl.embed import Embeddings, embed_dataset, load_embeddings
 from mrl.evaluate import parse_measures
@@ -134,7 +134,7 @@ def run_sweep(config: SweepConfig) -> Path:
     else:
         embeddings, source, prompts, embedding_facts = embed_dataset(
             dataset,
-            config.model_name,
+            config.model or DEFAULT_MODEL,
             cache=cache,
             device=config.device,
             batch_size=config.batch_size,
