@@ -283,6 +283,11 @@ def find_beir_root(folder: Path) -> Path:
     raise DataError(f"{folder}: no corpus.jsonl found after unpacking")
 
 
+def beir_url(name: str) -> str:
+    """Return the archive URL of a BEIR dataset; ``$MRL_BEIR_URL`` (a template with ``{name}``) overrides the official host, for mirrors."""
+    return os.environ.get("MRL_BEIR_URL", BEIR_URL).format(name=name)
+
+
 def download_beir(name: str, cache: Path, *, url: str | None = None, md5: str | None = None) -> Path:
     """Download, check and unpack a BEIR archive once; return the unpacked folder.
 
@@ -294,7 +299,7 @@ def download_beir(name: str, cache: Path, *, url: str | None = None, md5: str | 
     if target.is_dir():
         return find_beir_root(target)
 
-    url = url or BEIR_URL.format(name=name)
+    url = url or beir_url(name)
     expected_md5 = md5 if md5 is not None else BEIR_ARCHIVE_MD5.get(name)
     target.parent.mkdir(parents=True, exist_ok=True)
     log.info("downloading BEIR dataset %s from %s", name, url)
@@ -334,7 +339,7 @@ def load_dataset(spec: str, *, split: str = "test", strict: bool = False, cache:
     if looks_like_path:
         raise DataError(f"{spec}: folder not found")
     if spec not in BEIR_ARCHIVE_MD5:
-        log.warning("%r is not in the list of known BEIR archives; trying %s anyway", spec, BEIR_URL.format(name=spec))
+        log.warning("%r is not a known BEIR dataset name; trying %s without an MD5 check", spec, beir_url(spec))
 
     folder = download_beir(spec, cache or cache_dir())
     return load_beir(folder, split=split, strict=strict, name=spec)

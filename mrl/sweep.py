@@ -144,8 +144,14 @@ def hnsw_search(queries: np.ndarray, corpus: np.ndarray, k: int, params: HnswPar
     started = time.perf_counter()
     k = min(k, len(corpus))
     matches = index.search(queries, k, threads=threads)
-    counts = np.asarray(matches.counts, dtype=np.int64).reshape(len(queries))
-    ranked = np.asarray(matches.keys, dtype=np.int64).reshape(len(queries), k)
+    if hasattr(matches, "counts"):
+        counts = np.asarray(matches.counts, dtype=np.int64).reshape(len(queries))
+        ranked = np.asarray(matches.keys, dtype=np.int64).reshape(len(queries), k)
+    else:
+        # usearch returns a single Matches object, holding only real hits, for a batch of one query.
+        counts = np.array([len(matches.keys)], dtype=np.int64)
+        ranked = np.zeros((1, k), dtype=np.int64)
+        ranked[0, : counts[0]] = matches.keys
     # Slots past a query's count hold usearch's sentinel key; point them at 0 so no index is out of range.
     ranked[np.arange(k)[None, :] >= counts[:, None]] = 0
     return SearchResult(ranked=ranked, counts=counts, seconds=time.perf_counter() - started), build_seconds
