@@ -9,13 +9,12 @@ Input is the per-query frame that the sweep writes (``per_query.parquet``): one 
 (model, dataset, index, [dtype], dim, query_id, measure) with the score in ``value``.
 The ``dtype`` column is optional. When it is present, every grouping also splits by it.
 
-Methods, by name, for reports:
+The module constants name the methods for reports:
 
-- intervals: percentile bootstrap of the mean over queries (``INTERVAL_METHOD``);
-- tests: two-sided paired sign-flip randomisation test on per-query differences
-  (``PAIRED_TEST``);
-- multiple testing: Holm by default, Benjamini-Hochberg on request (``CORRECTIONS``);
-- knee: Kneedle (``KNEE_METHOD``).
+- ``INTERVAL_METHOD``: percentile bootstrap of the mean over queries.
+- ``PAIRED_TEST``: two-sided paired sign-flip randomisation test on per-query differences.
+- ``CORRECTIONS``: Holm by default, Benjamini-Hochberg on request.
+- ``KNEE_METHOD``: Kneedle.
 """
 
 from __future__ import annotations
@@ -37,7 +36,8 @@ KNEE_METHOD = "Kneedle (Satopää et al. 2011)"
 # Storage types of the vectors, with their bits per dimension.
 DTYPE_BITS = {"f32": 32, "bf16": 16, "f16": 16, "i8": 8, "b1": 1}
 
-# NOTE: a per-query frame without a dtype column is assumed to come from float32 vectors.
+# A per-query frame without a dtype column comes from a sweep that searched float32
+# vectors, both exactly and with usearch HNSW.
 DEFAULT_DTYPE = "f32"
 
 INDEX_KINDS = ("exact", "hnsw")
@@ -118,7 +118,7 @@ def _sign_blocks(n_items: int, n_resamples: int, seed: int) -> tuple[Iterator[np
     """Return blocks of sign vectors for a sign-flip test and whether they are exhaustive.
 
     When ``2 ** n_items <= n_resamples`` the blocks enumerate every sign vector once, as
-    scipy.stats.permutation_test does. Otherwise they hold ``n_resamples`` random vectors.
+    scipy.stats.permutation_test does. Otherwise they contain ``n_resamples`` random vectors.
     """
     exhaustive = n_items < 63 and 2**n_items <= n_resamples
     block_rows = _block_rows(n_items)
@@ -181,7 +181,7 @@ def _as_values(values: Sequence[float] | np.ndarray, name: str) -> np.ndarray:
     if array.ndim != 1 or array.size == 0:
         raise ValueError(f"{name} must be a non-empty 1-D array, got shape {array.shape}")
     if not np.all(np.isfinite(array)):
-        raise ValueError(f"{name} contains NaN or infinite values; expected finite scores")
+        raise ValueError(f"{name} contains NaN or infinite values, but scores must be finite")
     return array
 
 
@@ -201,7 +201,7 @@ def _check_columns(frame: pd.DataFrame, required: Sequence[str], name: str) -> N
     missing = [column for column in required if column not in frame.columns]
     if missing:
         raise ValueError(
-            f"{name} is missing columns {missing}; it has {list(frame.columns)}"
+            f"{name} is missing columns {missing} (found {list(frame.columns)})"
         )
 
 
@@ -297,8 +297,12 @@ def _as_p_values(p_values: Sequence[float] | np.ndarray) -> np.ndarray:
     array = np.asarray(p_values, dtype=np.float64)
     if array.ndim != 1:
         raise ValueError(f"p-values must be a 1-D array, got shape {array.shape}")
-    if np.any(np.isnan(array)) or np.any((array < 0.0) | (array > 1.0)):
-        raise ValueError(f"p-values must lie in [0, 1] and not be NaN, got {array.tolist()}")
+    invalid = np.isnan(array) | (array < 0.0) | (array > 1.0)
+    if invalid.any():
+        raise ValueError(
+            f"p-values must lie in [0, 1], got {int(invalid.sum())} invalid values such as "
+            f"{array[invalid][:5].tolist()}"
+        )
     return array
 
 
@@ -353,7 +357,7 @@ def adjust_p_values(
         return holm(p_values)
     if method == "bh":
         return benjamini_hochberg(p_values)
-    raise ValueError(f"unknown correction {method!r}; expected one of {sorted(CORRECTIONS)}")
+    raise ValueError(f"unknown correction {method!r}, expected one of {sorted(CORRECTIONS)}")
 
 
 # Per-query frames
@@ -366,15 +370,16 @@ def _pivot_group(group: pd.DataFrame, key: tuple) -> pd.DataFrame:
         example = group.loc[duplicated, ["dim", "query_id"]].iloc[0].tolist()
         raise ValueError(
             f"group {key} has {int(duplicated.sum())} duplicate (dim, query_id) rows, "
-            f"for example {example}; expected one score per query and dim"
+            f"for example {example}. Expected one score per query and dim."
         )
 
-    pivot = group.pivot(index="dim", columns="query_id", values="value").sort_index()
+    pivot = group.pivot(index="dim", columns="query_id", values="value")
+    pivot = pivot.sort_index(axis=0).sort_index(axis=1)
     missing = int(pivot.isna().sum().sum())
     if missing:
         raise ValueError(
-            f"group {key} lacks {missing} (dim, query) scores; the paired test needs every "
-            f"query scored at every dim (score a query without results as 0)"
+            f"group {key} is missing {missing} (dim, query) scores. The paired test needs "
+            f"every query scored at every dim, so score a query without results as 0."
         )
     return pivot
 
@@ -392,9 +397,9 @@ def summarise(
     correction: str = DEFAULT_CORRECTION,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """Summarise per-query scores into one row per (model, dataset, index, [dtype], dim, measure).
+    """Summarise per-query scores per (model, dataset, index, [dtype], dim, measure).
 
-    Each row holds the mean over queries, its percentile bootstrap interval
+    Each row contains the mean over queries, its percentile bootstrap interval
     (``ci_low``, ``ci_high`` at ``level``), ``n_queries``, ``share_of_full`` (mean divided
     by the mean at the largest dim of the group, NaN when that mean is 0), and
     ``p_value`` of the paired sign-flip randomisation test of this dim against the largest
@@ -407,20 +412,29 @@ def summarise(
     ``n_permutations=None`` uses max(10,000, 40 x number of tested dims) sign vectors so
     that Holm-adjusted p-values can reach 0.05.
 
-    Raises ValueError when a column is missing, a (dim, query) pair is scored twice, or a
-    query is scored at some dims of its group but not at others.
+    Raises ValueError when a column or a grouping value is missing, a (dim, query) pair is
+    scored twice, or a query is scored at some dims of its group but not at others.
     """
     _check_columns(per_query, PER_QUERY_COLUMNS, "per-query frame")
+    key_columns = _group_columns(per_query) + ["measure"]
+    for column in key_columns:
+        n_missing = int(per_query[column].isna().sum())
+        if n_missing:
+            # groupby would silently drop these rows.
+            raise ValueError(
+                f"per-query frame has {n_missing} rows without a {column} value. Every row "
+                f"needs a value in {key_columns}."
+            )
+
     _check_resampling(n_bootstrap, "n_bootstrap")
     if n_permutations is not None:
         _check_resampling(n_permutations, "n_permutations")
     _check_level(level)
     if correction not in CORRECTIONS:
         raise ValueError(
-            f"unknown correction {correction!r}; expected one of {sorted(CORRECTIONS)}"
+            f"unknown correction {correction!r}, expected one of {sorted(CORRECTIONS)}"
         )
 
-    key_columns = _group_columns(per_query) + ["measure"]
     parts = []
     for key, group in per_query.groupby(key_columns, sort=True, observed=True):
         pivot = _pivot_group(group, key)
@@ -488,18 +502,20 @@ class Comparison:
     test: str = PAIRED_TEST
 
 
-def _select_one(frame: pd.DataFrame, column: str, value: object | None) -> tuple[pd.DataFrame, object]:
+def _select_one(
+    frame: pd.DataFrame, column: str, value: object | None
+) -> tuple[pd.DataFrame, object]:
     """Keep the rows whose ``column`` equals ``value``, or the only value when None."""
     available = sorted(frame[column].dropna().unique().tolist(), key=str)
     if value is None:
         if len(available) != 1:
             raise ValueError(
-                f"the frame contains {len(available)} {column} values {available}; "
-                f"pass {column}= to choose one"
+                f"the frame contains {len(available)} {column} values {available}. "
+                f"Pass {column}= to choose one."
             )
         value = available[0]
     elif value not in available:
-        raise ValueError(f"{column} {value!r} not found; available: {available}")
+        raise ValueError(f"{column} {value!r} not found, available: {available}")
     return frame[frame[column] == value], value
 
 
@@ -543,20 +559,21 @@ def compare(
     for dim in (dim_a, dim_b):
         if dim not in available_dims:
             raise ValueError(
-                f"dim {dim} not found for {measure} on the {index} index; available dims: "
+                f"dim {dim} not found for {measure} on the {index} index, available dims: "
                 f"{available_dims[0]}..{available_dims[-1]} ({len(available_dims)} dims)"
             )
 
-    scores_a = rows[rows["dim"] == dim_a].set_index("query_id")["value"]
+    # Sort by query_id, as summarise does, so both draw the same resamples for a pair.
+    scores_a = rows[rows["dim"] == dim_a].set_index("query_id")["value"].sort_index()
     scores_b = rows[rows["dim"] == dim_b].set_index("query_id")["value"]
     for dim, scores in ((dim_a, scores_a), (dim_b, scores_b)):
         if not scores.index.is_unique:
-            raise ValueError(f"dim {dim} has duplicate query_id rows; expected one per query")
+            raise ValueError(f"dim {dim} has duplicate query_id rows, expected one per query")
     if set(scores_a.index) != set(scores_b.index):
         unpaired = len(set(scores_a.index) ^ set(scores_b.index))
         raise ValueError(
             f"dims {dim_a} and {dim_b} were scored on different queries ({unpaired} query ids "
-            f"appear at only one of them); the paired test needs the same queries"
+            f"appear at only one of them). The paired test needs the same queries."
         )
     scores_b = scores_b.reindex(scores_a.index)
 
@@ -651,11 +668,12 @@ def find_smallest_dim_not_worse(
 def find_knee(dims: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray) -> int:
     """Find the knee of a concave increasing quality curve by the Kneedle method.
 
-    Kneedle (Satopää, Albrecht, Irwin and Raghavan, "Finding a 'Kneedle' in a Haystack",
-    ICDCS workshops 2011) scales dims and scores to [0, 1] by their minimum and maximum,
-    takes the difference curve y_n - x_n and returns the dim where it is largest. This is
-    the offline form, without the smoothing spline or the online threshold. A flat curve
-    returns the smallest dim.
+    Kneedle (Satopää, Albrecht, Irwin and Raghavan, "Finding a 'Kneedle' in a Haystack:
+    Detecting Knee Points in System Behavior", ICDCS Workshops 2011, pages 166-171,
+    doi:10.1109/ICDCSW.2011.20) scales dims and scores to [0, 1] by their minimum and
+    maximum, takes the difference curve y_n - x_n and returns the dim where it is largest.
+    This is the offline form, without the smoothing spline or the online threshold. A flat
+    curve returns the smallest dim.
     """
     dim_array, score_array = _as_curve(dims, scores)
     if dim_array.size == 1:
@@ -689,7 +707,7 @@ def pareto_frontier(
             f"{size.shape} and {score.shape}"
         )
     if not (np.all(np.isfinite(size)) and np.all(np.isfinite(score))):
-        raise ValueError("bytes and quality must be finite; NaN or infinite values found")
+        raise ValueError("bytes and quality contain NaN or infinite values, but must be finite")
 
     # Sweep by bytes ascending. Within one byte size only the best score survives, and it
     # survives only if it beats every score seen at strictly fewer bytes.
@@ -716,15 +734,17 @@ def pareto_frontier(
 
 # Layout of usearch's dense HNSW index, read from usearch's include/usearch/index.hpp,
 # index_dense.hpp and index_plugins.hpp and checked against usearch 2.26 by
-# tests/test_analyse.py. A node is one allocation: key (uint64) and level (int16), then a
-# neighbour list per level, each a uint32 count and uint32 slots. Level 0 holds
-# 2 x connectivity slots and every upper level holds connectivity slots.
+# tests/test_analyse.py. A node is one allocation of a uint64 key and an int16 level, then
+# a neighbour list per level, each a uint32 count and uint32 slots. Level 0 has
+# 2 x connectivity slots and every upper level has connectivity slots.
 _USEARCH_NODE_HEAD_BYTES = 8 + 2
 _USEARCH_COUNT_BYTES = 4
 _USEARCH_SLOT_BYTES = 4
-_USEARCH_NODE_ALIGNMENT = 64  # graph tape: memory_mapping_allocator_gt<64>
-_USEARCH_VECTOR_ALIGNMENT = 8  # vector tape: memory_mapping_allocator_gt<8>
-_USEARCH_POINTER_BYTES = 8  # one node pointer and one vector pointer per slot
+# The graph tape (memory_mapping_allocator_gt<64>) pads every node to 64 bytes, and the
+# vector tape (memory_mapping_allocator_gt<8>) pads every vector to 8 bytes.
+_USEARCH_NODE_ALIGNMENT = 64
+_USEARCH_VECTOR_ALIGNMENT = 8
+_USEARCH_POINTER_BYTES = 8
 
 # Both tapes take memory in arenas of 8 MiB, then 16, 32, ... MiB. Each arena starts with
 # a header of a pointer and a size, rounded up to the tape's alignment.
@@ -737,7 +757,7 @@ def _round_up(value: int, multiple: int) -> int:
 
 def _check_dtype(dtype: str) -> None:
     if dtype not in DTYPE_BITS:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {list(DTYPE_BITS)}")
+        raise ValueError(f"unknown dtype {dtype!r}, expected one of {list(DTYPE_BITS)}")
 
 
 def _check_positive_int(value: int, name: str, minimum: int = 1) -> None:
@@ -806,18 +826,19 @@ def index_memory_bytes(
         n_docs * (pad(V, 8) + E[node] + 16)
         E[node] = sum over l >= 0 of M**-l * (1 - 1/M) * pad(14 + 8M + l * (4 + 4M), 64)
 
-    The node holds a 10-byte head (key and level), the level-0 list (a 4-byte count and
+    The node contains a 10-byte head (key and level), the level-0 list (a 4-byte count and
     2M 4-byte slots) and one list of M slots per upper level. usearch draws levels with
     mL = 1 / ln(M), so a node has on average 1 / (M - 1) upper lists. Without padding,
-    E[node] would be 14 + 8M + (4 + 4M) / (M - 1), which is 143.5 bytes for M = 16; with
-    the 64-byte padding it is about 196 bytes. The 16 bytes are a node pointer and a
+    E[node] would be 14 + 8M + (4 + 4M) / (M - 1), which is 146.5 bytes for M = 16. With
+    the 64-byte padding it is about 196.3 bytes. The 16 bytes are a node pointer and a
     vector pointer per slot.
 
     This is the memory the data occupy. With ``include_arena_reserve=True`` the estimate
     instead follows what ``usearch.index.Index.memory_usage`` reports: usearch 2.26 counts
     every arena it has reserved (8, 16, 32, ... MiB on each of the graph and vector tapes)
-    plus 8 bytes per slot of capacity, which grows to the next power of two. Reserved
-    arenas cost address space, and their untouched pages cost no RAM on Linux.
+    plus 8 bytes per slot of capacity, which grows to the next power of two. usearch maps
+    arenas with anonymous mmap, so on Linux their untouched pages take address space but
+    no RAM.
 
     NOTE: both forms leave out the key-to-slot hash table that usearch keeps when
     ``enable_key_lookups`` is on (tens of bytes per vector, not measured) and per-thread
@@ -858,7 +879,7 @@ def search_memory_bytes(
         return n_docs * bytes_per_vector(dim, dtype)
     if index == "hnsw":
         return index_memory_bytes(n_docs, dim, dtype, connectivity)
-    raise ValueError(f"unknown index {index!r}; expected one of {list(INDEX_KINDS)}")
+    raise ValueError(f"unknown index {index!r}, expected one of {list(INDEX_KINDS)}")
 
 
 _BYTE_UNITS = {
@@ -892,7 +913,7 @@ def parse_bytes(text: str | int) -> int:
     match = _BYTES_PATTERN.fullmatch(text)
     if match is None:
         raise ValueError(
-            f"invalid memory size {text!r}; expected a number and an optional unit, "
+            f"invalid memory size {text!r}, expected a number and an optional unit "
             f"such as '8GB' or '512 MiB'"
         )
 
@@ -900,7 +921,7 @@ def parse_bytes(text: str | int) -> int:
     factor = _BYTE_UNITS.get(unit.lower() or "b")
     if factor is None:
         raise ValueError(
-            f"unknown unit {unit!r} in memory size {text!r}; expected one of "
+            f"unknown unit {unit!r} in memory size {text!r}, expected one of "
             f"B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024)"
         )
     return int(round(float(number) * factor))
@@ -949,11 +970,16 @@ def _recommendation_row(
 def _choose_within_budget(
     candidates: pd.DataFrame, budget_bytes: int, n_docs: int, connectivity: int
 ) -> pd.Series:
-    """Return the best-scoring summary row whose search memory fits in ``budget_bytes``."""
+    """Find the best-scoring summary row whose search memory fits in ``budget_bytes``.
+
+    Raises ValueError naming the budget and the smallest need when nothing fits.
+    """
     needed = np.array(
         [
             search_memory_bytes(n_docs, int(dim), dtype, index, connectivity)
-            for dim, dtype, index in zip(candidates["dim"], candidates["dtype"], candidates["index"])
+            for dim, dtype, index in zip(
+                candidates["dim"], candidates["dtype"], candidates["index"]
+            )
         ]
     )
     fits = needed <= budget_bytes
@@ -962,8 +988,8 @@ def _choose_within_budget(
         row = candidates.iloc[smallest]
         raise ValueError(
             f"nothing fits in the memory budget of {budget_bytes:,} bytes for {n_docs:,} "
-            f"documents; the smallest option ({row['index']} index, dim {int(row['dim'])}, "
-            f"{row['dtype']}) needs {int(needed[smallest]):,} bytes"
+            f"documents. The smallest option ({row['index']} index, dim {int(row['dim'])}, "
+            f"{row['dtype']}) needs {int(needed[smallest]):,} bytes."
         )
 
     # Best mean first, then fewer bytes, then the smaller dim.
@@ -991,10 +1017,10 @@ def recommend(
     Works on the output of ``summarise`` for one model, dataset and ``measure``. The rules
     run on the quality curve of ``index`` and ``dtype``:
 
-    - "full size": the largest dim, for reference;
-    - "keep X%": the smallest dim whose mean is at least X% of the full-size mean;
+    - "full size": the largest dim, for reference.
+    - "keep X%": the smallest dim whose mean is at least X% of the full-size mean.
     - "not significantly worse": the smallest dim whose adjusted p-value against the full
-      size is at least ``alpha``, or whose mean is at least the full-size mean;
+      size is at least ``alpha``, or whose mean is at least the full-size mean.
     - "knee (Kneedle)": the knee of the curve of means by the Kneedle method.
 
     With ``budget_bytes`` (an int or a string for ``parse_bytes``, such as "8GB") and

@@ -77,6 +77,22 @@ def test_paired_test_ties_match_scipy():
     assert ours == pytest.approx(theirs, abs=1e-12)
 
 
+@pytest.mark.parametrize("seed", [1, 2, 9])
+def test_paired_test_rank_ties_match_scipy(seed):
+    # With 12 reciprocal-rank style scores, many sign vectors give the same |sum| in exact
+    # arithmetic but differ in the last bits in floating point. Both sides must count them
+    # as ties (2**12 = 4096 <= 5000, so both enumerate exactly).
+    rng = np.random.default_rng(seed)
+    levels = np.array([1.0, 1 / 2, 1 / 3, 1 / 4, 1 / 5, 1 / 6, 1 / 10, 0.0])
+    a = rng.choice(levels, 12)
+    b = rng.choice(levels, 12)
+
+    ours = analyse.paired_permutation_test(a, b, n_resamples=5000)
+    theirs = scipy_paired_p_value(a, b, n_resamples=5000)
+
+    assert ours == pytest.approx(theirs, abs=1e-12)
+
+
 def test_paired_test_random_close_to_exact():
     # 2**14 = 16384 sign vectors exceed 4000 resamples, so ours draws random signs and
     # follows (count + 1) / (n + 1). The standard error is about 0.008, so 0.04 is 5 of them.
@@ -110,7 +126,7 @@ def test_paired_test_rejects_unpaired_lengths():
 
 def test_bootstrap_ci_coverage_near_nominal():
     # Beta(2, 5) has mean 2 / 7. Over 200 seeded samples of 80 queries the 95% interval
-    # should cover it about 95% of the time; the binomial standard error is about 0.015.
+    # should cover it about 95% of the time. The binomial standard error is about 0.015.
     rng = np.random.default_rng(42)
     true_mean = 2 / 7
     covered = 0
@@ -226,6 +242,16 @@ def test_find_knee_piecewise_linear():
     assert analyse.find_knee(dims, scores) == 21
 
 
+def test_find_knee_paper_figure_two():
+    # The concave increasing curve y = 5 - 1 / (x + 0.1) on 10 points in [0, 1], from
+    # Figure 2 of the Kneedle paper. The kneed package reports its knee at x = 2/9, the
+    # third point.
+    x = np.linspace(0.0, 1.0, 10)
+    scores = 5.0 - 1.0 / (x + 0.1)
+
+    assert analyse.find_knee(np.arange(10), scores) == 2
+
+
 def test_find_knee_flat_curve_returns_smallest():
     assert analyse.find_knee([8, 16, 32], [0.5, 0.5, 0.5]) == 8
 
@@ -241,8 +267,10 @@ def test_find_smallest_dim_keeping_thresholds():
 
 
 def test_find_smallest_dim_keeping_non_monotone():
-    # Dim 16 reaches 95% of the full score; dim 32 dips below it again.
+    # Dim 16 reaches 95% of the full score, and dim 32 dips below it again.
     assert analyse.find_smallest_dim_keeping([8, 16, 32, 64], [0.5, 0.96, 0.9, 1.0], 0.95) == 16
+    # The threshold comes from the full size (the last dim), not from the best dim.
+    assert analyse.find_smallest_dim_keeping([8, 16, 32, 64], [0.5, 0.96, 1.05, 1.0], 0.95) == 16
 
 
 def test_find_smallest_dim_not_worse_rules():
@@ -348,8 +376,8 @@ def test_index_memory_matches_usearch(dim, dtype, metric):
     estimate = analyse.index_memory_bytes(n_docs, dim, dtype, 16, include_arena_reserve=True)
     data_only = analyse.index_memory_bytes(n_docs, dim, dtype, 16)
 
-    # Measured on usearch 2.26 the arena-aware estimate is within 0.01%; 25% leaves room for
-    # other versions' bookkeeping but still fails on a missed or extra arena.
+    # Measured on usearch 2.26 the arena-aware estimate is within 0.01%. The 25% tolerance
+    # leaves room for other versions' bookkeeping but still fails on a missed or extra arena.
     assert estimate == pytest.approx(reported, rel=0.25)
     assert n_docs * analyse.bytes_per_vector(dim, dtype) < data_only <= reported
 
@@ -474,8 +502,31 @@ def test_summarise_rejects_missing_scores():
     per_query, _ = toy_per_query()
     incomplete = per_query.drop(index=per_query.index[0])
 
-    with pytest.raises(ValueError, match=r"lacks 1 \(dim, query\) scores"):
+    with pytest.raises(ValueError, match=r"missing 1 \(dim, query\) scores"):
         analyse.summarise(incomplete)
+
+
+def test_summarise_rejects_missing_dtype():
+    per_query, _ = toy_per_query(dtype="f32")
+    per_query.loc[per_query.index[:3], "dtype"] = None
+
+    with pytest.raises(ValueError, match="3 rows without a dtype value"):
+        analyse.summarise(per_query)
+
+
+def test_compare_matches_summarise():
+    per_query, _ = toy_per_query()
+    # Shuffle the rows: both functions order queries by query_id before resampling.
+    shuffled = per_query.sample(frac=1.0, random_state=0)
+
+    result = analyse.compare(
+        shuffled, 16, 64, measure="nDCG@10", index="exact", n_permutations=2000, seed=4
+    )
+    summary = analyse.summarise(per_query, n_permutations=2000, seed=4)
+    row = summary.set_index("dim").loc[16]
+
+    assert result.p_value == pytest.approx(row["p_value"])
+    assert result.mean_a == pytest.approx(row["mean"])
 
 
 def test_summarise_rejects_duplicate_scores():
@@ -593,15 +644,18 @@ def test_recommend_memory_budget_picks_best_fit():
 
 
 def test_recommend_memory_budget_tie_prefers_fewer_bytes():
+    # Give b1 at dim 41 (6,000 bytes) the same mean as the best fit, f32 at dim 61
+    # (244,000 bytes). The smaller index wins although its dim is smaller.
     summary = toy_summary()
     f32_dim_61 = (summary["dtype"] == "f32") & (summary["dim"] == 61)
-    b1_dim_101 = (summary["dtype"] == "b1") & (summary["dim"] == 101)
-    summary.loc[b1_dim_101, "mean"] = summary.loc[f32_dim_61, "mean"].iloc[0]
+    b1_dim_41 = (summary["dtype"] == "b1") & (summary["dim"] == 41)
+    summary.loc[b1_dim_41, "mean"] = summary.loc[f32_dim_61, "mean"].iloc[0]
 
     choice = budget_choice(summary, 250_000)
 
     assert choice["dtype"] == "b1"
-    assert choice["dim"] == 101
+    assert choice["dim"] == 41
+    assert choice["index_bytes"] == 6_000
 
 
 def test_recommend_budget_too_small_names_need():
