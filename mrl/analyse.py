@@ -941,11 +941,12 @@ RECOMMENDATION_COLUMNS = (
     "p_adjusted",
     "bytes_per_vector",
     "index_bytes",
+    "note",
 )
 
 
 def _recommendation_row(
-    rule: str, row: pd.Series, n_docs: int | None, connectivity: int
+    rule: str, row: pd.Series, n_docs: int | None, connectivity: int, note: str = ""
 ) -> dict:
     dim = int(row["dim"])
     dtype = row["dtype"]
@@ -964,15 +965,26 @@ def _recommendation_row(
         "p_adjusted": float(row["p_adjusted"]),
         "bytes_per_vector": bytes_per_vector(dim, dtype),
         "index_bytes": index_bytes,
+        "note": note,
     }
 
 
-def _choose_within_budget(
-    candidates: pd.DataFrame, budget_bytes: int, n_docs: int, connectivity: int
-) -> pd.Series:
-    """Find the best-scoring summary row whose search memory fits in ``budget_bytes``.
+@dataclass(frozen=True)
+class _BudgetChoice:
+    row: pd.Series
+    best: pd.Series
+    # Adjusted p-value of the chosen configuration against the best fitting one, or None
+    # when no test ran (the best itself was chosen without per-query scores).
+    p_adjusted: float | None
 
-    Raises ValueError naming the budget and the smallest need when nothing fits.
+
+def _fitting_candidates(
+    candidates: pd.DataFrame, budget_bytes: int, n_docs: int, connectivity: int
+) -> pd.DataFrame:
+    """Return the summary rows whose search memory fits in ``budget_bytes``, sorted best first.
+
+    Rows are sorted by mean descending, then fewer bytes, then the smaller dim. Raises
+    ValueError naming the budget and the smallest need when nothing fits.
     """
     needed = np.array(
         [
@@ -980,7 +992,8 @@ def _choose_within_budget(
             for dim, dtype, index in zip(
                 candidates["dim"], candidates["dtype"], candidates["index"]
             )
-        ]
+        ],
+        dtype=np.int64,
     )
     fits = needed <= budget_bytes
     if not fits.any():
@@ -992,10 +1005,95 @@ def _choose_within_budget(
             f"{row['dtype']}) needs {int(needed[smallest]):,} bytes."
         )
 
-    # Best mean first, then fewer bytes, then the smaller dim.
     fitting = candidates[fits].assign(_bytes=needed[fits])
-    fitting = fitting.sort_values(["mean", "_bytes", "dim"], ascending=[False, True, True])
-    return fitting.iloc[0]
+    return fitting.sort_values(["mean", "_bytes", "dim"], ascending=[False, True, True])
+
+
+def _per_query_matrix(
+    per_query: pd.DataFrame, configurations: pd.DataFrame
+) -> np.ndarray:
+    """Return per-query scores as a [configurations x queries] matrix, queries by query_id.
+
+    ``per_query`` is already narrowed to one model, dataset, measure and index and has a
+    dtype column. Raises ValueError when a configuration has no scores or the
+    configurations were not scored on the same queries.
+    """
+    pivot = per_query.pivot_table(
+        index=["dtype", "dim"], columns="query_id", values="value", aggfunc="first"
+    ).sort_index(axis=1)
+    keys = list(zip(configurations["dtype"], configurations["dim"].astype(int)))
+    missing = [key for key in keys if key not in pivot.index]
+    if missing:
+        raise ValueError(
+            f"per-query scores are missing for (dtype, dim) {missing[:5]}, so the budget "
+            f"rule cannot test them against the best fitting configuration"
+        )
+    matrix = pivot.loc[keys].to_numpy(dtype=np.float64)
+    if np.isnan(matrix).any():
+        raise ValueError(
+            "the configurations that fit the budget were not scored on the same queries, "
+            "so the paired test against the best fitting one cannot run"
+        )
+    return matrix
+
+
+def _choose_within_budget(
+    candidates: pd.DataFrame,
+    budget_bytes: int,
+    n_docs: int,
+    connectivity: int,
+    *,
+    per_query: pd.DataFrame | None,
+    alpha: float,
+    correction: str,
+    n_permutations: int | None,
+    seed: int,
+) -> _BudgetChoice:
+    """Choose the smallest fitting configuration not significantly worse than the best fit.
+
+    The best fit has the highest mean among the configurations (dim, dtype) whose search
+    memory fits in ``budget_bytes``. Every fitting configuration that needs fewer bytes is
+    tested against it with the paired sign-flip test, and the p-values are adjusted by
+    ``correction`` over those tests. A configuration qualifies when its adjusted p-value is
+    at least ``alpha`` or its mean is at least the best mean, and the one needing the
+    fewest bytes wins (then the smaller dim, then the higher mean). Without ``per_query``
+    no test can run, so the best fit is returned.
+    """
+    fitting = _fitting_candidates(candidates, budget_bytes, n_docs, connectivity)
+    best = fitting.iloc[0]
+    smaller = fitting[fitting["_bytes"] < best["_bytes"]]
+    if per_query is None or smaller.empty:
+        return _BudgetChoice(row=best, best=best, p_adjusted=None)
+
+    scores = _per_query_matrix(per_query, pd.concat([best.to_frame().T, smaller]))
+    differences = scores[1:] - scores[0]
+    n_tests = differences.shape[0]
+    resamples = n_permutations or _default_permutations(n_tests)
+    p_values = _sign_flip_p_values(differences, resamples, seed)
+    p_adjusted = adjust_p_values(p_values, correction)
+
+    smaller = smaller.assign(_p_adjusted=p_adjusted)
+    qualifies = (smaller["_p_adjusted"] >= alpha) | (smaller["mean"] >= best["mean"])
+    if not qualifies.any():
+        return _BudgetChoice(row=best, best=best, p_adjusted=None)
+
+    chosen = (
+        smaller[qualifies]
+        .sort_values(["_bytes", "dim", "mean"], ascending=[True, True, False])
+        .iloc[0]
+    )
+    return _BudgetChoice(row=chosen, best=best, p_adjusted=float(chosen["_p_adjusted"]))
+
+
+def _budget_note(choice: _BudgetChoice, budget_bytes: int, correction: str) -> str:
+    best = choice.best
+    best_text = f"dim {int(best['dim'])} {best['dtype']} (mean {best['mean']:.4f})"
+    if choice.p_adjusted is None:
+        return f"best mean within {budget_bytes:,} bytes"
+    return (
+        f"smallest within {budget_bytes:,} bytes not significantly worse than the best fit, "
+        f"{best_text}: {CORRECTIONS[correction]}-adjusted p = {choice.p_adjusted:.3g}"
+    )
 
 
 def recommend(
@@ -1011,6 +1109,10 @@ def recommend(
     model: str | None = None,
     dataset: str | None = None,
     dtype: str | None = None,
+    per_query: pd.DataFrame | None = None,
+    correction: str = DEFAULT_CORRECTION,
+    n_permutations: int | None = None,
+    seed: int = 0,
 ) -> pd.DataFrame:
     """Recommend a truncation dim by each rule, one row per rule.
 
@@ -1024,13 +1126,16 @@ def recommend(
     - "knee (Kneedle)": the knee of the curve of means by the Kneedle method.
 
     With ``budget_bytes`` (an int or a string for ``parse_bytes``, such as "8GB") and
-    ``n_docs``, the "memory budget" rule picks the best-scoring (index, dim, dtype) over
-    every index and dtype in the summary whose estimated search memory
-    (``search_memory_bytes``) fits. Exact search needs only the vectors, so it fits more
-    often than HNSW but searches slower.
+    ``n_docs``, the "memory budget" rule considers every (dim, dtype) of ``index`` whose
+    estimated search memory (``search_memory_bytes``, the data-only estimate) fits. It
+    picks the one needing the fewest bytes that is not significantly worse than the best
+    fitting one, by a paired sign-flip test on ``per_query`` with p-values adjusted by
+    ``correction`` at ``alpha``. Without ``per_query`` it picks the best fitting mean. Its
+    ``note`` names the best fit and the p-value.
 
     ``dtype=None`` means f32 when the summary has no dtype column or contains f32, and
     otherwise the only dtype present. ``index_bytes`` is filled when ``n_docs`` is given.
+    ``p_adjusted`` is always the adjusted p-value against the full size, from the summary.
 
     Raises ValueError when the selection is empty or ambiguous, or when nothing fits the
     budget (the message names the budget and the smallest need).
@@ -1041,16 +1146,22 @@ def recommend(
         _check_positive_int(n_docs, "n_docs", minimum=0)
     if budget_bytes is not None and n_docs is None:
         raise ValueError("budget_bytes needs n_docs, the number of documents to index")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be between 0 and 1 (exclusive), got {alpha!r}")
+    if correction not in CORRECTIONS:
+        raise ValueError(
+            f"unknown correction {correction!r}, expected one of {sorted(CORRECTIONS)}"
+        )
 
     rows = summary if "dtype" in summary.columns else summary.assign(dtype=DEFAULT_DTYPE)
-    rows, _ = _select_one(rows, "measure", measure)
-    rows, _ = _select_one(rows, "model", model)
-    rows, _ = _select_one(rows, "dataset", dataset)
+    rows, measure = _select_one(rows, "measure", measure)
+    rows, model = _select_one(rows, "model", model)
+    rows, dataset = _select_one(rows, "dataset", dataset)
+    rows, index = _select_one(rows, "index", index)
 
     if dtype is None and DEFAULT_DTYPE in set(rows["dtype"]):
         dtype = DEFAULT_DTYPE
-    curve, _ = _select_one(rows, "index", index)
-    curve, dtype = _select_one(curve, "dtype", dtype)
+    curve, dtype = _select_one(rows, "dtype", dtype)
     curve = curve.sort_values("dim").reset_index(drop=True)
 
     dims = curve["dim"].to_numpy()
@@ -1075,9 +1186,41 @@ def recommend(
 
     if budget_bytes is not None:
         budget = parse_bytes(budget_bytes)
-        best = _choose_within_budget(rows, budget, n_docs, connectivity)
-        records.append(_recommendation_row("memory budget", best, n_docs, connectivity))
+        scores = None
+        if per_query is not None:
+            scores = _narrow_per_query(per_query, model, dataset, measure, index)
+        choice = _choose_within_budget(
+            rows,
+            budget,
+            n_docs,
+            connectivity,
+            per_query=scores,
+            alpha=alpha,
+            correction=correction,
+            n_permutations=n_permutations,
+            seed=seed,
+        )
+        note = _budget_note(choice, budget, correction)
+        records.append(
+            _recommendation_row("memory budget", choice.row, n_docs, connectivity, note)
+        )
 
     result = pd.DataFrame.from_records(records, columns=list(RECOMMENDATION_COLUMNS))
     result["index_bytes"] = result["index_bytes"].astype("Int64")
     return result
+
+
+def _narrow_per_query(
+    per_query: pd.DataFrame, model: str, dataset: str, measure: str, index: str
+) -> pd.DataFrame:
+    """Keep the per-query rows of one model, dataset, measure and index, with a dtype column."""
+    _check_columns(per_query, PER_QUERY_COLUMNS, "per-query frame")
+    selected = per_query[
+        (per_query["model"] == model)
+        & (per_query["dataset"] == dataset)
+        & (per_query["measure"] == measure)
+        & (per_query["index"] == index)
+    ]
+    if "dtype" not in selected.columns:
+        selected = selected.assign(dtype=DEFAULT_DTYPE)
+    return selected

@@ -688,3 +688,83 @@ def test_recommend_from_summarise_output():
     # Dim 16 only adds noise to the full scores, so it is not significantly worse.
     assert chosen["not significantly worse"] == 16
     assert chosen["full size"] == 64
+
+
+def budget_per_query():
+    # 60 queries. f32 at dim 64 is the full size. f32 at dim 32 and b1 at dim 64 only add
+    # noise to it, while f32 at dim 16 and b1 at dims 16 and 32 are clearly worse.
+    rng = np.random.default_rng(5)
+    full = rng.uniform(0.4, 1.0, 60)
+
+    def noisy(shift):
+        return np.clip(full + shift + rng.normal(0, 0.03, 60), 0, 1)
+
+    f32 = make_per_query({16: noisy(-0.3), 32: noisy(0.0), 64: full}, dtype="f32")
+    b1 = make_per_query({16: noisy(-0.4), 32: noisy(-0.25), 64: noisy(0.0)}, dtype="b1")
+    return pd.concat([f32, b1], ignore_index=True)
+
+
+def test_recommend_budget_smallest_not_worse():
+    per_query = budget_per_query()
+    summary = analyse.summarise(per_query, n_permutations=2000)
+
+    # 1 MB fits every configuration: f32 at dim 64 needs 256,000 bytes for 1000 docs.
+    table = analyse.recommend(
+        summary, budget_bytes="1MB", n_docs=1000, per_query=per_query, n_permutations=2000
+    )
+    choice = table[table["rule"] == "memory budget"].iloc[0]
+
+    # b1 at dim 64 needs 8 bytes per vector, fewer than f32 at dim 32 (128 bytes), and
+    # both are not significantly worse than the best fit.
+    assert choice["dtype"] == "b1"
+    assert choice["dim"] == 64
+    assert choice["index_bytes"] == 8_000
+    assert "not significantly worse than the best fit" in choice["note"]
+    assert "Holm-adjusted p = " in choice["note"]
+
+
+def test_recommend_budget_without_per_query_takes_best():
+    per_query = budget_per_query()
+    summary = analyse.summarise(per_query, n_permutations=2000)
+    best = summary[summary["measure"] == "nDCG@10"].sort_values("mean").iloc[-1]
+
+    table = analyse.recommend(summary, budget_bytes="1MB", n_docs=1000)
+    choice = table[table["rule"] == "memory budget"].iloc[0]
+
+    assert choice["dim"] == best["dim"]
+    assert choice["dtype"] == best["dtype"]
+    assert choice["note"] == "best mean within 1,000,000 bytes"
+
+
+def test_recommend_budget_considers_only_index():
+    # An HNSW curve that scores higher everywhere must not win the budget of the exact
+    # index. HNSW with b1 at dim 101 fits 250 kB for 1000 documents and would score 1.12.
+    summary = toy_summary()
+    hnsw = summary.assign(index="hnsw", mean=summary["mean"] + 0.2)
+    summary = pd.concat([summary, hnsw], ignore_index=True)
+
+    table = analyse.recommend(summary, index="exact", budget_bytes="250KB", n_docs=1000)
+    choice = table[table["rule"] == "memory budget"].iloc[0]
+
+    assert choice["index"] == "exact"
+    assert choice["dim"] == 61
+
+
+def test_recommend_budget_keeps_best_when_all_worse():
+    per_query = budget_per_query()
+    # Drop the configurations that are as good as the full size, so every smaller fit is
+    # significantly worse than f32 at dim 64.
+    keep = ~(
+        ((per_query["dtype"] == "f32") & (per_query["dim"] == 32))
+        | ((per_query["dtype"] == "b1") & (per_query["dim"] == 64))
+    )
+    per_query = per_query[keep]
+    summary = analyse.summarise(per_query, n_permutations=2000)
+
+    table = analyse.recommend(
+        summary, budget_bytes="1MB", n_docs=1000, per_query=per_query, n_permutations=2000
+    )
+    choice = table[table["rule"] == "memory budget"].iloc[0]
+
+    assert choice["dtype"] == "f32"
+    assert choice["dim"] == 64
