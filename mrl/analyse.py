@@ -972,10 +972,8 @@ def _recommendation_row(
 @dataclass(frozen=True)
 class _BudgetChoice:
     row: pd.Series
-    best: pd.Series
-    # Adjusted p-value of the chosen configuration against the best fitting one, or None
-    # when no test ran (the best itself was chosen without per-query scores).
-    p_adjusted: float | None
+    # Why this row was chosen, for the recommendation's note column.
+    note: str
 
 
 def _fitting_candidates(
@@ -1061,9 +1059,12 @@ def _choose_within_budget(
     """
     fitting = _fitting_candidates(candidates, budget_bytes, n_docs, connectivity)
     best = fitting.iloc[0]
+    best_note = f"best mean within {budget_bytes:,} bytes"
     smaller = fitting[fitting["_bytes"] < best["_bytes"]]
-    if per_query is None or smaller.empty:
-        return _BudgetChoice(row=best, best=best, p_adjusted=None)
+    if smaller.empty:
+        return _BudgetChoice(best, f"{best_note}, and no fitting configuration needs fewer bytes")
+    if per_query is None:
+        return _BudgetChoice(best, f"{best_note}, without per-query scores to test smaller ones")
 
     scores = _per_query_matrix(per_query, pd.concat([best.to_frame().T, smaller]))
     differences = scores[1:] - scores[0]
@@ -1075,25 +1076,23 @@ def _choose_within_budget(
     smaller = smaller.assign(_p_adjusted=p_adjusted)
     qualifies = (smaller["_p_adjusted"] >= alpha) | (smaller["mean"] >= best["mean"])
     if not qualifies.any():
-        return _BudgetChoice(row=best, best=best, p_adjusted=None)
+        return _BudgetChoice(
+            best,
+            f"{best_note}. Each of the {n_tests} fitting configurations with fewer bytes is "
+            f"significantly worse ({CORRECTIONS[correction]}-adjusted p < {alpha:g}).",
+        )
 
     chosen = (
         smaller[qualifies]
         .sort_values(["_bytes", "dim", "mean"], ascending=[True, True, False])
         .iloc[0]
     )
-    return _BudgetChoice(row=chosen, best=best, p_adjusted=float(chosen["_p_adjusted"]))
-
-
-def _budget_note(choice: _BudgetChoice, budget_bytes: int, correction: str) -> str:
-    best = choice.best
-    best_text = f"dim {int(best['dim'])} {best['dtype']} (mean {best['mean']:.4f})"
-    if choice.p_adjusted is None:
-        return f"best mean within {budget_bytes:,} bytes"
-    return (
+    note = (
         f"smallest within {budget_bytes:,} bytes not significantly worse than the best fit, "
-        f"{best_text}: {CORRECTIONS[correction]}-adjusted p = {choice.p_adjusted:.3g}"
+        f"dim {int(best['dim'])} {best['dtype']} (mean {best['mean']:.4f}): "
+        f"{CORRECTIONS[correction]}-adjusted p = {chosen['_p_adjusted']:.3g}"
     )
+    return _BudgetChoice(chosen, note)
 
 
 def recommend(
@@ -1200,9 +1199,8 @@ def recommend(
             n_permutations=n_permutations,
             seed=seed,
         )
-        note = _budget_note(choice, budget, correction)
         records.append(
-            _recommendation_row("memory budget", choice.row, n_docs, connectivity, note)
+            _recommendation_row("memory budget", choice.row, n_docs, connectivity, choice.note)
         )
 
     result = pd.DataFrame.from_records(records, columns=list(RECOMMENDATION_COLUMNS))

@@ -733,7 +733,9 @@ def test_recommend_budget_without_per_query_takes_best():
 
     assert choice["dim"] == best["dim"]
     assert choice["dtype"] == best["dtype"]
-    assert choice["note"] == "best mean within 1,000,000 bytes"
+    assert choice["note"] == (
+        "best mean within 1,000,000 bytes, without per-query scores to test smaller ones"
+    )
 
 
 def test_recommend_budget_considers_only_index():
@@ -768,3 +770,4 @@ def test_recommend_budget_keeps_best_when_all_worse():
 
     assert choice["dtype"] == "f32"
     assert choice["dim"] == 64
+    assert "Each of the 3 fitting configurations with fewer bytes is significantly worse" in choice["note"]
