@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     output = sweep.add_argument_group("output")
     output.add_argument("--out", type=Path, default=None, help="output folder (default results/DATASET-MODEL)")
     output.add_argument("--cache", type=Path, default=None, help="cache folder for datasets and embeddings (default $MRL_CACHE, else the user cache folder)")
+    add_analysis_commands(commands)
     return parser
 
 
@@ -86,6 +87,214 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
     )
 
 
+ANALYSIS_COMMANDS = ("recommend", "compare", "report")
+BUDGET_HELP = (
+    "memory budget for the index of --n-docs vectors, such as 8GB or 512MiB: KB, MB, GB and TB "
+    "are decimal (8GB = 8 x 10^9 bytes), KiB, MiB, GiB and TiB are binary (8GiB = 8 x 2^30 "
+    "bytes), and a bare number counts bytes. Adds the 'memory budget' rule: the configuration "
+    "needing the fewest bytes that is not significantly worse than the best one that fits"
+)
+
+
+def add_statistics_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("statistics (a change recomputes summary.parquet)")
+    group.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap resamples of the queries for the confidence intervals")
+    group.add_argument("--n-permutations", type=int, default=None, help="random sign vectors for the paired test against the full size (default: max(10000, 40 x number of tested dims))")
+    group.add_argument("--level", type=float, default=0.95, help="confidence level of the intervals, between 0 and 1")
+    group.add_argument("--correction", choices=("holm", "bh"), default="holm", help="multiple-testing correction over the dims: holm (Holm-Bonferroni, family-wise error) or bh (Benjamini-Hochberg, false discovery rate)")
+    group.add_argument("--seed", type=int, default=0, help="seed of the resampling, so reruns give the same numbers")
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Add "(default: ...)" to help texts, except for options whose default is None or False.
+
+    Those options explain their default in the help text itself.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def add_analysis_commands(commands: argparse._SubParsersAction) -> None:
+    """Add the subcommands that read a finished run folder: recommend, compare and report."""
+    formatter = DefaultsHelpFormatter
+
+    recommend = commands.add_parser(
+        "recommend",
+        help="choose a truncation dim by each rule and print the table",
+        description=(
+            "Apply each rule to a run's quality curve and print one row per rule: the chosen dim, its "
+            "mean and 95% confidence interval, its share of the full-size mean, the adjusted p-value "
+            "against the full size, bytes per vector and the estimated index memory. Writes "
+            "recommendation.parquet and re-renders report.html."
+        ),
+        formatter_class=formatter,
+    )
+    recommend.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="output folder of mrl sweep")
+    recommend.add_argument("--measure", default=None, help="measure the rules run on (default nDCG@10 when the run has it, else its first measure)")
+    recommend.add_argument("--index", choices=("exact", "hnsw"), default=None, help="index whose curve the rules and the budget use (default hnsw when the run has it, else exact)")
+    recommend.add_argument("--keep", default="95,98,99", help="shares of the full-size mean to keep, in percent, comma separated: one 'keep X%%' rule each")
+    recommend.add_argument("--alpha", type=float, default=0.05, help="significance level of the 'not significantly worse' and budget rules")
+    recommend.add_argument("--budget", default=None, help=BUDGET_HELP + " (default: no budget rule)")
+    recommend.add_argument("--n-docs", type=int, default=None, help="number of documents the index memory is estimated for (default: the run's corpus size from manifest.json)")
+    recommend.add_argument("--connectivity", type=int, default=None, help="HNSW connectivity M for the memory estimate (default: the sweep's)")
+    recommend.add_argument("--model", default=None, help="only this model of a run with several")
+    recommend.add_argument("--dataset", default=None, help="only this dataset of a run with several")
+    recommend.add_argument("--dtype", default=None, help="dtype whose curve the dim rules use (default f32). The budget rule considers every dtype.")
+    recommend.add_argument("--no-report", action="store_true", help="write recommendation.parquet but leave report.html as it is")
+    recommend.add_argument("--zoom", default=None, help="dim range START:STOP (inclusive) of the report's zoomed chart, such as 650:1024 (default: from the smallest dim a keep or not-worse rule chose to the full size)")
+    add_statistics_options(recommend)
+
+    compare = commands.add_parser(
+        "compare",
+        help="compare two truncation dims with a paired test",
+        description=(
+            "Compare two dims of a run on the same queries: both means, the difference (A minus B) "
+            "with its paired bootstrap confidence interval, and the p-value of a two-sided paired "
+            "sign-flip randomisation test. The p-value is not corrected for other comparisons."
+        ),
+        formatter_class=formatter,
+    )
+    compare.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="output folder of mrl sweep")
+    compare.add_argument("dim_a", type=int, metavar="A", help="first truncation dim")
+    compare.add_argument("dim_b", type=int, metavar="B", help="second truncation dim")
+    compare.add_argument("--measure", default="nDCG@10", help="measure to compare")
+    compare.add_argument("--index", choices=("exact", "hnsw"), default=None, help="index to compare on (default hnsw when the run has it, else exact)")
+    compare.add_argument("--model", default=None, help="model, needed when the run has several")
+    compare.add_argument("--dataset", default=None, help="dataset, needed when the run has several")
+    compare.add_argument("--dtype", default=None, help="dtype, needed when the run has several")
+    compare.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap resamples of the queries for the interval")
+    compare.add_argument("--n-permutations", type=int, default=10_000, help="random sign vectors for the test (every sign vector when there are fewer)")
+    compare.add_argument("--level", type=float, default=0.95, help="confidence level of the interval, between 0 and 1")
+    compare.add_argument("--seed", type=int, default=0, help="seed of the resampling")
+
+    report = commands.add_parser(
+        "report",
+        help="render report.html and PNG charts from a run's Parquet files",
+        description=(
+            "Render report.html (charts, recommendation table, methods and manifest in one page that "
+            "works offline) and PNG copies of the charts in charts/, from summary.parquet and "
+            "recommendation.parquet. Nothing is recomputed unless one of them is missing, in which "
+            "case it is computed with the default settings first."
+        ),
+        formatter_class=formatter,
+    )
+    report.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="output folder of mrl sweep")
+    report.add_argument("--zoom", default=None, help="dim range START:STOP (inclusive) of the zoomed chart, such as 650:1024 (default: from the smallest dim a keep or not-worse rule chose to the full size)")
+
+
+def parse_keep(text: str) -> tuple[float, ...]:
+    """Parse --keep percentages such as "95,98,99" into shares (0.95, 0.98, 0.99)."""
+    shares = []
+    for item in text.split(","):
+        try:
+            percent = float(item)
+        except ValueError:
+            raise ValueError(f"invalid --keep value {item.strip()!r}, expected percentages such as 95,98,99") from None
+        if not 1.0 <= percent <= 100.0:
+            raise ValueError(f"--keep takes percentages between 1 and 100, such as 95,98,99, got {item.strip()}")
+        shares.append(percent / 100.0)
+    return tuple(shares)
+
+
+def statistics_from_args(args: argparse.Namespace):
+    from mrl.report import StatisticsSettings
+
+    return StatisticsSettings(
+        n_bootstrap=args.n_bootstrap,
+        n_permutations=args.n_permutations,
+        level=args.level,
+        correction=args.correction,
+        seed=args.seed,
+    )
+
+
+def run_recommend(args: argparse.Namespace) -> None:
+    from mrl import report
+
+    settings = report.RecommendSettings(
+        measure=args.measure,
+        index=args.index,
+        keep=parse_keep(args.keep),
+        alpha=args.alpha,
+        budget=args.budget,
+        n_docs=args.n_docs,
+        connectivity=args.connectivity,
+        model=args.model,
+        dataset=args.dataset,
+        dtype=args.dtype,
+        statistics=statistics_from_args(args),
+    )
+    zoom = report.parse_zoom(args.zoom) if args.zoom else None
+    folder = report.check_run_folder(args.run_dir)
+    table, used = report.recommend_run(folder, settings)
+    print(report.format_recommendation(table, used))
+    report.write_recommendation(folder, table, used)
+    if not args.no_report:
+        report.render_report(folder, zoom)
+
+
+def run_compare(args: argparse.Namespace) -> None:
+    from mrl import analyse, report
+
+    folder = report.check_run_folder(args.run_dir)
+    index = args.index
+    if index is None:
+        indexes = report.load_per_query(folder, measure=args.measure, dim=args.dim_a)["index"].unique()
+        index = report.default_index(indexes)
+    per_query = report.load_per_query(
+        folder, measure=args.measure, index=index, model=args.model, dataset=args.dataset, dim=[args.dim_a, args.dim_b]
+    )
+    if per_query.empty:
+        # Say which filter matched nothing, with the values the run has.
+        available = report.load_per_query(folder)
+        for column, value in (("measure", args.measure), ("index", index), ("model", args.model), ("dataset", args.dataset)):
+            if value is not None and value not in set(available[column]):
+                raise ValueError(f"{column} {value!r} not found in the run, available: {sorted(set(available[column]))}")
+        dims = sorted(set(available["dim"]))
+        raise ValueError(f"dims {args.dim_a} and {args.dim_b} not found in the run, available dims: {dims[0]}..{dims[-1]} ({len(dims)} dims)")
+    result = analyse.compare(
+        per_query,
+        args.dim_a,
+        args.dim_b,
+        measure=args.measure,
+        index=index,
+        model=args.model,
+        dataset=args.dataset,
+        dtype=args.dtype,
+        n_bootstrap=args.n_bootstrap,
+        n_permutations=args.n_permutations,
+        level=args.level,
+        seed=args.seed,
+    )
+    print(report.format_comparison(result, args.n_bootstrap, args.n_permutations))
+
+
+def run_report(args: argparse.Namespace) -> None:
+    from mrl import report
+
+    folder = report.check_run_folder(args.run_dir)
+    zoom = report.parse_zoom(args.zoom) if args.zoom else None
+    if report.read_summary(folder) is None or report.read_recommendation(folder) is None:
+        path = report.write_report(folder, zoom=zoom)
+    else:
+        path = report.render_report(folder, zoom)
+    print(path)
+
+
+def run_analysis_command(args: argparse.Namespace) -> int:
+    """Run recommend, compare or report, and return the exit status: 2 on invalid input."""
+    handlers = {"recommend": run_recommend, "compare": run_compare, "report": run_report}
+    try:
+        handlers[args.command](args)
+    except ValueError as error:
+        print(f"mrl: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -94,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+
+    if args.command in ANALYSIS_COMMANDS:
+        return run_analysis_command(args)
 
     from mrl.pipeline import run_sweep
 

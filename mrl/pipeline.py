@@ -31,6 +31,7 @@ from mrl.data import Dataset, cache_dir, hash_files, load_dataset
 from mrl.embed import Embeddings, embed_dataset, load_embeddings
 from mrl.evaluate import parse_measures
 from mrl.output import write_json, write_parquet
+from mrl.report import write_report
 from mrl.sweep import SearchSettings, parse_dims, sweep_dims_task
 
 log = logging.getLogger(__name__)
@@ -207,6 +208,8 @@ def run_sweep(config: SweepConfig) -> Path:
         "packages": package_versions(),
     }
     write_json(manifest, out / "manifest.json")
+    # The report embeds the manifest, so it is written last.
+    write_report(out)
 
     summary = metrics[(metrics["measure"] == measure_names[0]) & (metrics["dim"] == dims[-1])]
     for row in summary.itertuples():
