@@ -70,6 +70,50 @@ def write_measure_charts(metrics: pd.DataFrame, folder: Path, title: str) -> lis
     return paths
 
 
+def facet_chart(metrics: pd.DataFrame, measure: str, title: str) -> alt.FacetChart:
+    """Plot one measure against truncation dim in a grid: a row per dataset, a column per model.
+
+    Each panel has its own y scale, because datasets differ in how high a measure can go.
+    """
+    data = metrics.loc[metrics["measure"] == measure, ["model", "dataset", "index", "dim", "value", "n_queries"]]
+    panel = (
+        alt.Chart(data)
+        .mark_line(strokeWidth=1.5)
+        .encode(
+            x=alt.X("dim:Q", title="truncation dim"),
+            y=alt.Y("value:Q", title=measure, scale=alt.Scale(zero=False)),
+            color=alt.Color("index:N", title="index"),
+            tooltip=[
+                alt.Tooltip("model:N"),
+                alt.Tooltip("dataset:N"),
+                alt.Tooltip("index:N"),
+                alt.Tooltip("dim:Q", title="dim"),
+                alt.Tooltip("value:Q", title=measure, format=".4f"),
+                alt.Tooltip("n_queries:Q", title="queries"),
+            ],
+        )
+        .properties(width=320, height=200)
+        .interactive()
+    )
+    return (
+        panel.facet(row=alt.Row("dataset:N", title="dataset"), column=alt.Column("model:N", title="model"))
+        .resolve_scale(y="independent")
+        .properties(title=title)
+    )
+
+
+def write_facet_charts(metrics: pd.DataFrame, folder: Path, title: str) -> list[Path]:
+    """Draw and save one faceted chart per measure in ``metrics``, for a study of several pairs."""
+    paths = []
+    # Three pairs of 1,024 dims and two indexes already exceed Altair's default limit of 5,000
+    # rows. The limit guards notebook memory, and one file per measure carries its rows once.
+    with alt.data_transformers.disable_max_rows():
+        for measure in metrics["measure"].unique():
+            chart = facet_chart(metrics, measure, f"{title}: {measure}")
+            paths.extend(save_chart(chart, folder, measure_file_stem(measure)))
+    return paths
+
+
 # Charts of the statistics: quality with its confidence band, and quality against bytes.
 
 # Altair's default data transformer raises MaxRowsError for a dataset of more rows. The

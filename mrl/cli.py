@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     output = sweep.add_argument_group("output")
     output.add_argument("--out", type=Path, default=None, help="output folder (default results/DATASET-MODEL)")
     output.add_argument("--cache", type=Path, default=None, help="cache folder for datasets and embeddings (default $MRL_CACHE, else the user cache folder)")
+    sweep.add_argument("--config", type=Path, default=None, help="run every (model, dataset) pair of a YAML study config (see jobs/configs/) instead; only --out may be combined with it and overrides the config's output")
     add_analysis_commands(commands)
     return parser
 
@@ -85,6 +86,17 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
         strict=args.strict,
         cache=args.cache,
     )
+
+
+def study_from_args(args: argparse.Namespace):
+    """Load the study config of ``--config``; reject other sweep options, which the file sets instead."""
+    from mrl.config import load_study
+
+    defaults = vars(build_parser().parse_args(["sweep"]))
+    combined = [f"--{name.replace('_', '-')}" for name, value in vars(args).items() if name not in ("verbose", "config", "out") and value != defaults.get(name)]
+    if combined:
+        raise ValueError(f"{', '.join(combined)} cannot be combined with --config; set them in {args.config}")
+    return load_study(args.config, output=args.out)
 
 
 ANALYSIS_COMMANDS = ("recommend", "compare", "report")
@@ -307,12 +319,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ANALYSIS_COMMANDS:
         return run_analysis_command(args)
 
-    from mrl.pipeline import run_sweep
+    from mrl.pipeline import ResourceError, run_study, run_sweep
 
     try:
-        if args.command == "sweep":
+        if args.command == "sweep" and args.config is not None:
+            run_study(study_from_args(args))
+        elif args.command == "sweep":
             run_sweep(config_from_args(args))
-    except (DataError, EmbeddingsError, ModelError, ValueError) as error:
+    except (DataError, EmbeddingsError, ModelError, ResourceError, ValueError) as error:
         print(f"mrl: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -1,8 +1,11 @@
 """The sweep driver: load data, embed once, fan truncation dims out to Ray tasks, write results.
 
-Finished dims are kept as part files under ``<out>/.parts/<sweep key>/``, one per
-task, each written atomically. A rerun with the same inputs and settings skips
-them, so a stopped sweep resumes where it was.
+``run_sweep`` runs one (model, dataset) pair into a local folder. ``run_study`` runs
+every pair of a study config into one hive-partitioned Parquet dataset, in a local
+folder or at a URI. Finished dims are kept as part files under
+``<out>/.parts/<sweep key>/`` (one folder per pair in a study), one per task, each
+written atomically. A rerun with the same inputs and settings skips them, so a
+stopped sweep resumes where it was.
 """
 
 from __future__ import annotations
@@ -13,25 +16,24 @@ import json
 import logging
 import os
 import platform
-import shutil
+import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
-from tqdm.auto import tqdm
 
 from mrl import charts
-from mrl.config import DEFAULT_MODEL, SweepConfig, safe_name
+from mrl.config import DEFAULT_MODEL, StudyConfig, SweepConfig, dataset_name, safe_name
 from mrl.data import Dataset, cache_dir, hash_files, load_dataset
-from mrl.embed import Embeddings, embed_dataset, load_embeddings
+from mrl.embed import Embeddings, embed_dataset, load_embeddings, plan_actors
 from mrl.evaluate import parse_measures
 from mrl.output import write_json, write_parquet
 from mrl.report import write_report
+from mrl.storage import StoragePath, hive_folder
 from mrl.sweep import SearchSettings, parse_dims, sweep_dims_task
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,18 @@ PACKAGES = ("mrl", "ray", "sentence-transformers", "torch", "transformers", "use
 # Bump when part files change meaning, so a resumed sweep never mixes old and new parts.
 PARTS_FORMAT = 1
 WARNINGS_IN_MANIFEST = 200
+# Seconds between progress lines while a sweep runs; a line is also logged when it ends.
+PROGRESS_INTERVAL_S = 15.0
+# Times Ray reruns a sweep task whose worker process died (killed, out of memory, node lost).
+TASK_RETRIES = 3
+# Seconds between checks of the cluster's nodes while waiting for the autoscaler.
+RESOURCE_POLL_S = 5.0
+# Tables of a study's output, each a hive-partitioned Parquet dataset below the output folder.
+STUDY_TABLES = ("metrics", "per_query", "sweep_stats")
+
+
+class ResourceError(RuntimeError):
+    """The Ray cluster has no node that can run a task or actor that a sweep needs."""
 
 
 def package_versions() -> dict[str, str | None]:
@@ -86,16 +100,16 @@ def group_dims(dims: list[int], workers: int) -> list[list[int]]:
     return [dims[start::n_groups] for start in range(n_groups)]
 
 
-def read_part(path: Path) -> tuple[pd.DataFrame, list[dict]]:
-    table = pq.read_table(path)
+def read_part(path: StoragePath) -> tuple[pd.DataFrame, list[dict]]:
+    table = path.read_parquet()
     stats = json.loads(table.schema.metadata[b"mrl.stats"])
     return table.to_pandas(), stats
 
 
-def write_part(path: Path, frame: pd.DataFrame, stats: list[dict]) -> None:
+def write_part(path: StoragePath, frame: pd.DataFrame, stats: list[dict]) -> None:
     table = pa.Table.from_pandas(frame, preserve_index=False)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"mrl.stats": json.dumps(stats).encode()})
-    write_parquet(table, path)
+    path.write_parquet(table)
 
 
 def aggregate(per_query: pd.DataFrame) -> pd.DataFrame:
@@ -105,11 +119,32 @@ def aggregate(per_query: pd.DataFrame) -> pd.DataFrame:
     return metrics[[*keys, "value", "n_queries"]]
 
 
-def run_sweep(config: SweepConfig) -> Path:
-    """Run one sweep end to end and return its output folder."""
-    timings: dict[str, float] = {}
-    cache = Path(config.cache) if config.cache else cache_dir()
+@dataclass
+class PairInputs:
+    """A pair's dataset and full-size vectors, with the facts its manifest records."""
 
+    dataset: Dataset
+    embeddings: Embeddings
+    vectors_key: str
+    model_record: dict
+    prompts_record: dict | None
+    embedding_facts: dict
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class PairResult:
+    """A finished pair: its tables and manifest."""
+
+    per_query: pd.DataFrame
+    metrics: pd.DataFrame
+    stats: pd.DataFrame
+    manifest: dict
+
+
+def load_inputs(config: SweepConfig, cache: Path) -> PairInputs:
+    """Load a pair's dataset, then its vectors: precomputed, from the embedding cache, or embedded now."""
+    timings: dict[str, float] = {}
     started = time.perf_counter()
     dataset = load_dataset(config.dataset, split=config.split, strict=config.strict, cache=cache)
     timings["load_data"] = time.perf_counter() - started
@@ -148,42 +183,52 @@ def run_sweep(config: SweepConfig) -> Path:
         prompts_record = asdict(prompts)
         log.info("query prompt %r, document prompt %r", prompts.query, prompts.document)
     timings["embed"] = time.perf_counter() - started
+    return PairInputs(dataset, embeddings, vectors_key, model_record, prompts_record, embedding_facts, timings)
 
-    dims = parse_dims(config.dims, embeddings.dim)
-    measures = parse_measures(list(config.measures))
-    measure_names = [str(measure) for measure in measures]
-    settings = SearchSettings(
+
+def search_settings(config: SweepConfig) -> SearchSettings:
+    return SearchSettings(
         indexes=tuple(config.indexes),
         top_k=config.top_k,
         hnsw=config.hnsw,
         ignore_identical_ids=config.ignore_identical_ids,
     )
-    out = Path(config.out) if config.out else default_out(config, dataset)
+
+
+def sweep_pair(config: SweepConfig, inputs: PairInputs, parts_root: StoragePath, label: str, resource_timeout_s: float = 0.0) -> PairResult:
+    """Sweep one pair's dims on Ray and return its tables; the manifest lacks only the write time."""
+    dataset, embeddings = inputs.dataset, inputs.embeddings
+    dims = parse_dims(config.dims, embeddings.dim)
+    measures = parse_measures(list(config.measures))
+    measure_names = [str(measure) for measure in measures]
+    settings = search_settings(config)
     log.info(
-        "sweeping %d dims (%d..%d) of %s on %s with indexes %s, top-k %d, HNSW %s; measures %s; output %s",
+        "sweeping %d dims (%d..%d) of %s on %s with indexes %s, top-k %d, HNSW %s; measures %s",
         len(dims), dims[0], dims[-1], config.model_name, dataset.name, ",".join(settings.indexes), settings.top_k,
-        asdict(settings.hnsw), " ".join(measure_names), out,
+        asdict(settings.hnsw), " ".join(measure_names),
     )
 
     started = time.perf_counter()
-    per_query, stats = sweep(embeddings, dataset, dims, settings, measure_names, out, sweep_key(vectors_key, dataset, settings, measure_names))
-    timings["sweep"] = time.perf_counter() - started
+    key = sweep_key(inputs.vectors_key, dataset, settings, measure_names)
+    per_query, stats = sweep(embeddings, dataset, dims, settings, measure_names, parts_root, key, label, resource_timeout_s)
+    inputs.timings["sweep"] = time.perf_counter() - started
 
-    started = time.perf_counter()
     per_query.insert(0, "dataset", dataset.name)
     per_query.insert(0, "model", config.model_name)
+    per_query = per_query[["model", "dataset", "index", "dim", "query_id", "measure", "value"]]
     metrics = aggregate(per_query)
-    write_parquet(per_query[["model", "dataset", "index", "dim", "query_id", "measure", "value"]], out / "per_query.parquet")
-    write_parquet(metrics, out / "metrics.parquet")
-    write_parquet(pd.DataFrame(stats).sort_values("dim"), out / "sweep_stats.parquet")
-    charts.write_measure_charts(metrics, out / "charts", f"{config.model_name} on {dataset.name}")
-    timings["write"] = time.perf_counter() - started
-
+    stats_frame = pd.DataFrame(stats).sort_values("dim").reset_index(drop=True)
     zero_dims = [row for row in stats if row["zero_docs"] or row["zero_queries"]]
     if zero_dims:
         log.warning("%d dims truncated some vectors to all zeros; counts per dim are in sweep_stats.parquet", len(zero_dims))
-    manifest = {
-        "model": model_record,
+    manifest = build_manifest(inputs, dims, settings, measure_names, stats, len(zero_dims))
+    return PairResult(per_query, metrics, stats_frame, manifest)
+
+
+def build_manifest(inputs: PairInputs, dims: list[int], settings: SearchSettings, measure_names: list[str], stats: list[dict], zero_dims: int) -> dict:
+    dataset = inputs.dataset
+    return {
+        "model": inputs.model_record,
         "dataset": {
             "name": dataset.name,
             "path": str(dataset.path),
@@ -193,29 +238,82 @@ def run_sweep(config: SweepConfig) -> Path:
             "queries": len(dataset.query_ids),
             "qrels": len(dataset.qrels),
         },
-        "prompts": prompts_record,
-        "embedding": embedding_facts,
-        "full_dim": embeddings.dim,
+        "prompts": inputs.prompts_record,
+        "embedding": inputs.embedding_facts,
+        "full_dim": inputs.embeddings.dim,
         "dims": dims,
         "indexes": list(settings.indexes),
         "hnsw": {**asdict(settings.hnsw), "metric": "cos", "dtype": "f32"},
         "top_k": settings.top_k,
         "ignore_identical_ids": settings.ignore_identical_ids,
         "measures": measure_names,
-        "zero_vectors": {"dims_affected": len(zero_dims), "max_zero_docs": max((row["zero_docs"] for row in stats), default=0)},
+        "zero_vectors": {"dims_affected": zero_dims, "max_zero_docs": max((row["zero_docs"] for row in stats), default=0)},
         "warnings": {"count": len(dataset.warnings), "items": dataset.warnings[:WARNINGS_IN_MANIFEST]},
-        "seconds": {phase: round(value, 3) for phase, value in timings.items()},
+        "seconds": {phase: round(value, 3) for phase, value in inputs.timings.items()},
         "packages": package_versions(),
     }
-    write_json(manifest, out / "manifest.json")
+
+
+def log_summary(metrics: pd.DataFrame, measure: str, dim: int) -> None:
+    summary = metrics[(metrics["measure"] == measure) & (metrics["dim"] == dim)]
+    for row in summary.itertuples():
+        log.info("%s at dim %d, %s: %.4f over %d queries", row.measure, row.dim, row.index, row.value, row.n_queries)
+
+
+def run_sweep(config: SweepConfig) -> Path:
+    """Run one sweep end to end and return its output folder."""
+    cache = Path(config.cache) if config.cache else cache_dir()
+    inputs = load_inputs(config, cache)
+    out = Path(config.out) if config.out else default_out(config, inputs.dataset)
+    log.info("output %s", out)
+    result = sweep_pair(config, inputs, StoragePath.parse(out / ".parts"), "")
+
+    started = time.perf_counter()
+    write_parquet(result.per_query, out / "per_query.parquet")
+    write_parquet(result.metrics, out / "metrics.parquet")
+    write_parquet(result.stats, out / "sweep_stats.parquet")
+    charts.write_measure_charts(result.metrics, out / "charts", f"{config.model_name} on {inputs.dataset.name}")
+    inputs.timings["write"] = time.perf_counter() - started
+    result.manifest["seconds"] = {phase: round(value, 3) for phase, value in inputs.timings.items()}
+    write_json(result.manifest, out / "manifest.json")
     # The report embeds the manifest, so it is written last.
     write_report(out)
 
-    summary = metrics[(metrics["measure"] == measure_names[0]) & (metrics["dim"] == dims[-1])]
-    for row in summary.itertuples():
-        log.info("%s at dim %d, %s: %.4f over %d queries", row.measure, row.dim, row.index, row.value, row.n_queries)
-    log.info("wrote %s (phases in seconds: %s)", out, manifest["seconds"])
+    log_summary(result.metrics, result.manifest["measures"][0], result.manifest["dims"][-1])
+    log.info("wrote %s (phases in seconds: %s)", out, result.manifest["seconds"])
     return out
+
+
+class Progress:
+    """Logs a sweep's progress at most every PROGRESS_INTERVAL_S: dims done, elapsed and estimated time left.
+
+    The estimate assumes that the remaining dims finish at the rate of the dims done so
+    far in this run.
+    """
+
+    def __init__(self, label: str, total: int, resumed: int):
+        self.label = f"{label}: " if label else ""
+        self.total = total
+        self.resumed = resumed
+        self.done = resumed
+        self.started = time.perf_counter()
+        self.logged = self.started
+
+    def update(self, finished: int, *, force: bool = False) -> None:
+        self.done += finished
+        now = time.perf_counter()
+        if not force and now - self.logged < PROGRESS_INTERVAL_S:
+            return
+        self.logged = now
+        elapsed = now - self.started
+        computed = self.done - self.resumed
+        if computed and self.done < self.total:
+            left = f"about {elapsed / computed * (self.total - self.done):.0f} s left"
+        elif self.done < self.total:
+            left = "time left unknown until the first task finishes"
+        else:
+            left = "finished"
+        log.info("%s%d of %d dims done (%d resumed), %.0f s elapsed, %s", self.label, self.done, self.total, self.resumed, elapsed, left)
 
 
 def sweep(
@@ -224,22 +322,29 @@ def sweep(
     dims: list[int],
     settings: SearchSettings,
     measures: list[str],
-    out: Path,
+    parts_root: StoragePath,
     key: str,
+    label: str = "",
+    resource_timeout_s: float = 0.0,
 ) -> tuple[pd.DataFrame, list[dict]]:
-    """Run the per-dim tasks on Ray, persisting each task's result as it completes; skip dims already done."""
-    parts_root = out / ".parts"
-    parts = parts_root / key
-    if parts_root.is_dir():
-        for stale in parts_root.iterdir():
-            if stale.name != key and stale.is_dir():
-                log.info("removing part files of an earlier sweep with other settings: %s", stale)
-                shutil.rmtree(stale)
+    """Run the per-dim tasks on Ray, persisting each task's result as it completes; skip dims already done.
+
+    Tasks are spread over all nodes and read the vectors from the object store. Ray
+    reruns a task whose worker died, up to TASK_RETRIES times. A part file is
+    written only when a task returns, so every dim is stored exactly once.
+    """
+    parts = parts_root.join(key)
+    for stale in parts_root.folders():
+        if stale.name != key:
+            log.info("removing part files of an earlier sweep with other settings: %s", stale)
+            stale.remove_folder()
+    if parts.is_local and parts.remove_temporary_files():
+        log.info("removed temporary files of writes that an earlier run did not finish in %s", parts)
 
     frames: list[pd.DataFrame] = []
     stats: list[dict] = []
     done: set[int] = set()
-    for path in sorted(parts.glob("part-*.parquet")) if parts.is_dir() else []:
+    for path in parts.files(".parquet"):
         frame, part_stats = read_part(path)
         frames.append(frame)
         stats.extend(part_stats)
@@ -249,35 +354,172 @@ def sweep(
         log.info("resuming: %d of %d dims already done in %s", len(set(dims) & done), len(dims), parts)
 
     if todo:
+        require_resources({"CPU": 1}, "sweep tasks", resource_timeout_s)
         workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
         corpus_ref = ray.put(embeddings.corpus)
         queries_ref = ray.put(embeddings.queries)
         corpus_ids_ref = ray.put(np.asarray(dataset.corpus_ids, dtype=object))
         query_ids_ref = ray.put(list(dataset.query_ids))
         qrels_ref = ray.put(dataset.qrels[["query_id", "doc_id", "relevance"]])
+        # SPREAD puts tasks on every node instead of filling the driver's node first.
+        task = sweep_dims_task.options(scheduling_strategy="SPREAD", max_retries=TASK_RETRIES)
         pending = {
-            sweep_dims_task.remote(corpus_ref, queries_ref, group, settings, corpus_ids_ref, query_ids_ref, qrels_ref, measures): group
+            task.remote(corpus_ref, queries_ref, group, settings, corpus_ids_ref, query_ids_ref, qrels_ref, measures): group
             for group in group_dims(todo, workers)
         }
 
-        started = time.perf_counter()
-        with tqdm(total=len(todo), desc="sweeping dims", unit="dim") as progress:
-            while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1)
-                group = pending.pop(ready[0])
+        progress = Progress(label, len(dims), len(set(dims) & done))
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=PROGRESS_INTERVAL_S)
+            if not ready:
+                progress.update(0)
+                continue
+            group = pending.pop(ready[0])
+            try:
                 results = ray.get(ready[0])
-                frame = pd.concat([result[1] for result in results], ignore_index=True)
-                part_stats = [result[2] for result in results]
-                write_part(parts / f"part-{min(group):05d}-{len(group):05d}.parquet", frame, part_stats)
-                frames.append(frame)
-                stats.extend(part_stats)
-                progress.update(len(group))
-                finished = progress.n
-                elapsed = time.perf_counter() - started
-                log.debug("%d of %d dims done, %.0f s elapsed, about %.0f s left", finished, len(todo), elapsed, elapsed / finished * (len(todo) - finished))
+            except ray.exceptions.RayError:
+                log.error("%sthe task for dims %s failed after %d retries; finished dims are kept, so a rerun resumes", progress.label, group, TASK_RETRIES)
+                raise
+            frame = pd.concat([result[1] for result in results], ignore_index=True)
+            part_stats = [result[2] for result in results]
+            write_part(parts.join(f"part-{min(group):05d}-{len(group):05d}.parquet"), frame, part_stats)
+            frames.append(frame)
+            stats.extend(part_stats)
+            progress.update(len(group), force=not pending)
 
     per_query = pd.concat(frames, ignore_index=True)
     wanted = set(dims)
     per_query = per_query[per_query["dim"].isin(wanted)].sort_values(["index", "dim"], kind="stable").reset_index(drop=True)
     stats = sorted((row for row in stats if row["dim"] in wanted), key=lambda row: row["dim"])
     return per_query, stats
+
+
+def nodes_with(request: dict[str, float]) -> list[dict]:
+    """Return the alive nodes that offer every resource in ``request``, such as ``{"GPU": 1}``."""
+    return [
+        node
+        for node in ray.nodes()
+        if node.get("Alive") and all(node.get("Resources", {}).get(name, 0) >= amount for name, amount in request.items())
+    ]
+
+
+def require_resources(request: dict[str, float], purpose: str, timeout_s: float) -> None:
+    """Return once some node offers ``request``; otherwise ask the autoscaler and wait up to ``timeout_s``.
+
+    Ray queues a task or actor that no node can run until a node that can appears, and
+    without an autoscaler that never happens. Checking first turns that silent wait
+    into an error.
+    """
+    if nodes_with(request):
+        return
+    resources = {name: value for name, value in ray.cluster_resources().items() if not name.startswith("node:")}
+    advice = (
+        f"Add a node with these resources, change the config, or set resource_timeout_s so that an autoscaling "
+        f"cluster can start one"
+    )
+    if timeout_s <= 0:
+        raise ResourceError(f"{purpose} need {request} on one node, but no node of the Ray cluster has it (cluster resources: {resources}). {advice}.")
+
+    from ray.autoscaler.sdk import request_resources
+
+    log.info("no node offers %s for %s yet; asking the autoscaler and waiting up to %.0f s", request, purpose, timeout_s)
+    request_resources(bundles=[request])
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        time.sleep(min(RESOURCE_POLL_S, max(0.0, deadline - time.monotonic())))
+        if nodes_with(request):
+            log.info("a node with %s joined the cluster", request)
+            return
+    raise ResourceError(f"{purpose} need {request} on one node, but none joined within {timeout_s:.0f} s (cluster resources: {resources}). {advice}.")
+
+
+def check_embedding_resources(configs: list[SweepConfig], timeout_s: float) -> None:
+    """Fail before any data is loaded when the cluster cannot host the embedding actors the pairs need."""
+    devices = sorted({config.device or "" for config in configs if config.embeddings is None})
+    for device in devices:
+        if device.startswith("cuda"):
+            require_resources({"GPU": 1}, f"embedding actors on device {device!r}", timeout_s)
+        _, _, actor_options = plan_actors(device or None)
+        request = {"CPU": actor_options.get("num_cpus", 1), "GPU": actor_options.get("num_gpus", 0)}
+        require_resources({name: amount for name, amount in request.items() if amount}, "embedding actors", timeout_s)
+
+
+def check_output_location(location: str, what: str) -> None:
+    """Reject a relative local path in a Ray job that runs in an uploaded working directory.
+
+    Such a job runs in a temporary copy of the working directory that Ray deletes, so
+    results written there would be lost.
+    """
+    if "://" in location or Path(os.path.expanduser(location)).is_absolute():
+        return
+    job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    if (job_config.get("runtime_env") or {}).get("working_dir"):
+        raise ValueError(
+            f"{what} {location!r} is a relative path, but this Ray job runs in a temporary copy of its working directory "
+            f"({os.getcwd()}) that Ray deletes; use an absolute path on the head node, a path starting with ~, "
+            "or a URI such as s3://bucket/prefix"
+        )
+
+
+def run_study(study: StudyConfig) -> StoragePath:
+    """Run every (model, dataset) pair of a study into one hive-partitioned dataset; return the output location.
+
+    Each pair is embedded once and swept as in ``run_sweep``. Its tables are written to
+    ``<output>/<table>/model=<model>/dataset=<dataset>/<table>.parquet`` as soon as the
+    pair finishes, then faceted charts of all pairs go to ``<output>/charts/``.
+    """
+    started = time.perf_counter()
+    check_output_location(study.output, "output")
+    configs = study.sweep_configs()
+    if configs[0].cache is not None:
+        check_output_location(str(configs[0].cache), "cache")
+    output = StoragePath.parse(study.output)
+    ensure_ray()
+    log.info("study %s: %d (model, dataset) pair(s), output %s", study.source, len(configs), output)
+    check_embedding_resources(configs, study.resource_timeout_s)
+    require_resources({"CPU": 1}, "sweep tasks", study.resource_timeout_s)
+
+    metrics_frames = []
+    pairs_record = []
+    for number, config in enumerate(configs, start=1):
+        label = f"pair {number} of {len(configs)} ({config.model_name} on {dataset_name(config.dataset)})"
+        log.info("%s: starting", label)
+        cache = Path(config.cache) if config.cache else cache_dir()
+        inputs = load_inputs(config, cache)
+        folder = hive_folder(config.model_name, inputs.dataset.name)
+        result = sweep_pair(config, inputs, output.join(".parts", folder), label, study.resource_timeout_s)
+
+        write_started = time.perf_counter()
+        for table, frame in zip(STUDY_TABLES, (result.metrics, result.per_query, result.stats)):
+            # The model and dataset columns are the partition keys, so they live in the folder names.
+            data = pa.Table.from_pandas(frame.drop(columns=["model", "dataset"], errors="ignore"), preserve_index=False)
+            output.join(table, folder, f"{table}.parquet").write_parquet(data)
+        inputs.timings["write"] = time.perf_counter() - write_started
+        result.manifest["seconds"] = {phase: round(value, 3) for phase, value in inputs.timings.items()}
+        output.join("manifest", folder, "manifest.json").write_json(result.manifest)
+
+        log_summary(result.metrics, result.manifest["measures"][0], result.manifest["dims"][-1])
+        log.info("%s: done, wrote %s (phases in seconds: %s)", label, output.join("*", folder), result.manifest["seconds"])
+        metrics_frames.append(result.metrics)
+        pairs_record.append({"model": config.model_name, "dataset": inputs.dataset.name, "folder": folder, "dims": len(result.manifest["dims"])})
+
+    metrics = pd.concat(metrics_frames, ignore_index=True)
+    write_study_charts(metrics, output.join("charts"), Path(study.source).stem)
+    output.join("study.json").write_json(
+        {
+            "config": study.source,
+            "pairs": pairs_record,
+            "tables": {table: f"{table}/" for table in STUDY_TABLES},
+            "seconds": round(time.perf_counter() - started, 3),
+            "packages": package_versions(),
+        }
+    )
+    log.info("study done: %d pair(s) in %.0f s; read the results with pyarrow.dataset.dataset(%r, partitioning='hive')", len(configs), time.perf_counter() - started, str(output.join("metrics")))
+    return output
+
+
+def write_study_charts(metrics: pd.DataFrame, folder: StoragePath, title: str) -> None:
+    """Draw the faceted charts into a local temporary folder, then copy them to ``folder``, which may be a URI."""
+    with tempfile.TemporaryDirectory(prefix="mrl-charts-") as scratch:
+        for path in charts.write_facet_charts(metrics, Path(scratch), title):
+            folder.join(path.name).write_bytes(path.read_bytes())
