@@ -270,14 +270,13 @@ def quality_chart(
     frames = [curve.assign(layer="curve"), full[[*series, "mean"]].assign(layer="full size")]
     frames += [frame for frame in (marks, labels) if not frame.empty]
     data = pd.concat(frames, ignore_index=True)
-    # Points on every dim of a long curve would hide the line.
-    show_points = curve.groupby(series, observed=True).size().max() <= 120
+    # Points on every dim of a long curve would hide the line, and points would turn the
+    # dtype legend's dash patterns into circles.
+    show_points = curve.groupby(series, observed=True).size().max() <= 120 and not several_dtypes
 
-    base = alt.Chart().encode(
-        color=alt.Color("index:N", title="index"),
-    )
-    if several_dtypes:
-        base = base.encode(strokeDash=alt.StrokeDash("dtype:N", title="dtype"))
+    # detail splits the bands and lines of one index by dtype. Only lines can be dashed.
+    base = alt.Chart().encode(color=alt.Color("index:N", title="index"), detail="dtype:N")
+    line_style = {"strokeDash": alt.StrokeDash("dtype:N", title="dtype")} if several_dtypes else {}
 
     x = alt.X("dim:Q", title="truncation dim", scale=alt.Scale(domain=list(dim_range)) if dim_range else alt.Undefined)
     y_title = f"{measure} (mean, 95% CI)"
@@ -292,6 +291,7 @@ def quality_chart(
         .encode(
             x=x,
             y=alt.Y("mean:Q", title=y_title),
+            **line_style,
             tooltip=[
                 alt.Tooltip("model:N"),
                 alt.Tooltip("dataset:N"),
@@ -310,7 +310,14 @@ def quality_chart(
     full_line = (
         base.transform_filter(alt.datum.layer == "full size")
         .mark_rule(strokeDash=[6, 3], strokeWidth=1)
-        .encode(y="mean:Q", tooltip=[alt.Tooltip("index:N"), alt.Tooltip("mean:Q", title="full-size mean", format=".4f")])
+        .encode(
+            y="mean:Q",
+            tooltip=[
+                alt.Tooltip("index:N"),
+                alt.Tooltip("dtype:N"),
+                alt.Tooltip("mean:Q", title="full-size mean", format=".4f"),
+            ],
+        )
     )
     layers = [band, line, full_line]
     if not marks.empty:

@@ -350,6 +350,33 @@ def test_report_reads_hive_per_query(scifact_run, tmp_path):
     assert "facet" in spec
 
 
+def test_recommend_with_dtype_column(scifact_run, tmp_path, capsys):
+    # Binary vectors modelled as 7% worse than float32 at every dim and query.
+    per_query = pd.read_parquet(scifact_run / "per_query.parquet")
+    per_query = per_query[per_query["measure"] == "nDCG@10"]
+    binary = per_query.assign(dtype="b1", value=per_query["value"] * 0.93)
+    run = tmp_path / "dtypes"
+    run.mkdir()
+    pd.concat([per_query.assign(dtype="f32"), binary]).to_parquet(run / "per_query.parquet", index=False)
+    shutil.copy(scifact_run / "manifest.json", run / "manifest.json")
+
+    code = main(["recommend", str(run), "--budget", "2MB"])
+
+    assert code == 0
+    table = pd.read_parquet(run / "recommendation.parquet")
+    by_rule = table.set_index("rule")
+    assert (table[table["rule"] != "memory budget"]["dtype"] == "f32").all(), "dim rules use f32"
+    # 2 MB for 5,183 documents leaves about 174 bytes of vector per document beside the
+    # graph, which fits f32 only up to dim 40 but b1 at every dim.
+    assert by_rule.loc["memory budget", "dtype"] == "b1"
+    assert by_rule.loc["memory budget", "bytes_per_vector"] == -(-by_rule.loc["memory budget", "dim"] // 8)
+    summary = pd.read_parquet(run / "summary.parquet")
+    assert set(summary["dtype"]) == {"f32", "b1"}
+    spec = json.loads(re.search(r"const specs = (\[.*\]);\n", (run / "report.html").read_text()).group(1))[2]
+    points = [layer for layer in spec["layer"] if layer["mark"]["type"] == "point"][0]
+    assert points["encoding"]["color"]["field"] == "dtype"
+
+
 def test_load_per_query_filters(scifact_run):
     rows = report.load_per_query(scifact_run, measure="nDCG@10", index="exact", dim=[8, 16])
 
@@ -530,7 +557,10 @@ def test_quality_chart_dashes_by_dtype():
 
     spec = charts.quality_chart(summary, "nDCG@10").to_dict()
 
-    assert any(layer.get("encoding", {}).get("strokeDash", {}).get("field") == "dtype" for layer in spec["layer"])
+    band, line = spec["layer"][0], spec["layer"][1]
+    assert line["encoding"]["strokeDash"]["field"] == "dtype"
+    assert "strokeDash" not in band["encoding"], "Vega-Lite drops strokeDash on areas with a warning"
+    assert band["encoding"]["detail"]["field"] == "dtype", "each dtype gets its own band"
 
 
 # Text output
