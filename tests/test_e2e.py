@@ -66,7 +66,8 @@ def test_sweep_all_dims_of_shared_vectors(ray_local, tmp_path, scifact, scifact_
     assert set(ndcg["n_queries"]) == {300}
     stats = pq.read_table(out / "sweep_stats.parquet").to_pandas()
     assert len(stats) == 384
-    assert stats["hnsw_recall_vs_exact"].min() > 0.8
+    # At very small dims most documents tie on score, so which of them HNSW returns is arbitrary.
+    assert stats.loc[stats["dim"] >= 64, "hnsw_recall_vs_exact"].min() > 0.8
 
 
 def test_sweep_resumes_finished_dims(ray_local, tmp_path, scifact, scifact_embeddings, caplog):
