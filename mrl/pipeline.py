@@ -422,7 +422,7 @@ def require_resources(request: dict[str, float], purpose: str, timeout_s: float)
 
     from ray.autoscaler.sdk import request_resources
 
-    log.info("no node offers %s for %s yet; asking the autoscaler and waiting up to %.0f s", request, purpose, timeout_s)
+    log.info("no node offers %s for %s yet; asking the autoscaler and waiting up to %g s", request, purpose, timeout_s)
     request_resources(bundles=[request])
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -430,7 +430,7 @@ def require_resources(request: dict[str, float], purpose: str, timeout_s: float)
         if nodes_with(request):
             log.info("a node with %s joined the cluster", request)
             return
-    raise ResourceError(f"{purpose} need {request} on one node, but none joined within {timeout_s:.0f} s (cluster resources: {resources}). {advice}.")
+    raise ResourceError(f"{purpose} need {request} on one node, but none joined within {timeout_s:g} s (cluster resources: {resources}). {advice}.")
 
 
 def check_embedding_resources(configs: list[SweepConfig], timeout_s: float) -> None:
