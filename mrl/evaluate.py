@@ -243,8 +243,11 @@ class RunEvaluator:
         self.qrels = qrels
         self.evaluator = ir_measures.evaluator(self.measures, qrels_frame(qrels))
         self.ranked_measures = [ranked_measure(measure) for measure in self.measures]
-        self.other_measures = [measure for measure, fast in zip(self.measures, self.ranked_measures) if fast is None]
-        self.other_evaluator = ir_measures.evaluator(self.other_measures, qrels_frame(qrels)) if self.other_measures else None
+        # One evaluator per measure: ir-measures 0.4.3 reports two variants of one trec_eval
+        # measure, such as nDCG@10 and nDCG(judged_only=True)@10, under one name in a shared evaluator.
+        self.other_evaluators = [
+            ir_measures.evaluator([measure], qrels_frame(qrels)) for measure, fast in zip(self.measures, self.ranked_measures) if fast is None
+        ]
         self.scorer: RankedScorer | None = None
         self.scorer_corpus_ids: np.ndarray | None = None
 
@@ -274,13 +277,15 @@ class RunEvaluator:
         fast_columns = [column for column, fast in enumerate(self.ranked_measures) if fast is not None]
         if fast_columns:
             values[:, fast_columns] = self.ranked_scorer(corpus_ids).score(ranked, counts)
-        if self.other_evaluator is not None:
+        if self.other_evaluators:
+            run = run_frame(self.query_ids, corpus_ids, ranked, counts)
             row_of = {query_id: row for row, query_id in enumerate(self.query_ids)}
             column_of = {str(measure): column for column, measure in enumerate(self.measures)}
-            for metric in self.other_evaluator.iter_calc(run_frame(self.query_ids, corpus_ids, ranked, counts)):
-                # Some measures also report judged queries outside ``query_ids``; per_query skips those too.
-                if metric.query_id in row_of:
-                    values[row_of[metric.query_id], column_of[str(metric.measure)]] = float(metric.value)
+            for evaluator in self.other_evaluators:
+                for metric in evaluator.iter_calc(run):
+                    # Some measures also report judged queries outside ``query_ids``; per_query skips those too.
+                    if metric.query_id in row_of:
+                        values[row_of[metric.query_id], column_of[str(metric.measure)]] = float(metric.value)
 
         names = np.array([str(measure) for measure in self.measures], dtype=object)
         return pd.DataFrame(

@@ -167,7 +167,8 @@ def test_evaluator_falls_back_for_other_measures():
 
     assert [ranked_measure(measure) is None for measure in parse_measures(measures)] == [False, True, True, True, True]
     for measure in parse_measures(measures):
-        # One evaluator per measure: ir-measures 0.4.3 mixes up two nDCG@10 variants in one evaluator.
+        # One evaluator per measure: ir-measures 0.4.3 mixes up two nDCG@10 variants in one evaluator,
+        # which RunEvaluator avoids in the same way.
         alone = RunEvaluator([measure], qrels_of(EDGE_QRELS), EDGE_QUERIES)
         slow = ir_measures_rows(alone, EDGE_QUERIES, EDGE_CORPUS, ranked, counts)
         assert_rows_equal(fast[fast["measure"] == str(measure)].reset_index(drop=True), slow)
@@ -226,19 +227,22 @@ def random_vectors(seed: int, n_docs: int, n_queries: int, dim: int) -> tuple[np
 
 
 @pytest.mark.parametrize(
-    ("dims", "block_floats", "result_bytes"),
+    ("dims", "block_floats", "result_bytes", "update_floats"),
     [
-        (list(range(1, 25)), 1 << 25, 1 << 28),
-        ([1, 2, 3, 7, 8, 15, 24], 1 << 25, 1 << 28),
-        ([2, 5, 24], 1 << 25, 1 << 28),
-        (list(range(1, 25)), 2000, 1 << 28),  # several query blocks
-        (list(range(1, 25)), 1 << 25, 30_000),  # several chunks of dims
+        (list(range(1, 25)), 1 << 25, 1 << 28, 1 << 22),
+        ([1, 2, 3, 7, 8, 15, 24], 1 << 25, 1 << 28, 1 << 22),
+        ([1, 2, 3, 7, 8, 15, 24], 1 << 25, 1 << 28, 1000),  # several query rows per update
+        ([2, 5, 24], 1 << 25, 1 << 28, 1 << 22),
+        ([12, 13, 24], 1 << 25, 1 << 28, 1 << 22),  # first dim above FRESH_MAX_DIM
+        (list(range(1, 25)), 2000, 1 << 28, 1 << 22),  # several query blocks
+        (list(range(1, 25)), 1 << 25, 30_000, 1 << 22),  # several chunks of dims
     ],
-    ids=["all-dims", "gaps", "first-dim-above-1", "query-blocks", "dim-chunks"],
+    ids=["all-dims", "gaps", "gaps-split-updates", "first-dim-above-1", "first-dim-above-fresh", "query-blocks", "dim-chunks"],
 )
-def test_exact_sweep_matches_per_dim_search(monkeypatch, dims, block_floats, result_bytes):
+def test_exact_sweep_matches_per_dim_search(monkeypatch, dims, block_floats, result_bytes, update_floats):
     monkeypatch.setattr(mrl.sweep, "SCORE_BLOCK_FLOATS", block_floats)
     monkeypatch.setattr(mrl.sweep, "EXACT_RESULT_BYTES", result_bytes)
+    monkeypatch.setattr(mrl.sweep, "UPDATE_FLOATS", update_floats)
     corpus, queries = random_vectors(0, n_docs=300, n_queries=37, dim=24)
 
     swept = list(exact_sweep(corpus, queries, dims, k=20))
