@@ -84,7 +84,7 @@ class RayHead:
 
 
 def task_fields(task) -> dict:
-    return {name: getattr(task, name) for name in ("task_id", "attempt_number", "state", "worker_pid")}
+    return {name: getattr(task, name) for name in ("task_id", "attempt_number", "state", "worker_pid", "start_time_ms")}
 
 
 def processes_mentioning(text: str) -> list[int]:
@@ -308,7 +308,8 @@ def test_killed_worker_is_retried(ray_head, tmp_path, scifact, scifact_embedding
     while victim is None and time.monotonic() < deadline:
         running = [task for task in ray_head.running_sweep_tasks() if task.get("worker_pid")]
         if running:
-            victim = running[0]
+            # The task that started last is the least likely to finish before the kill lands.
+            victim = max(running, key=lambda task: task.get("start_time_ms") or 0)
         elif str(ray_head.jobs().get_job_status(job_id)).split(".")[-1] in TERMINAL:
             break
         else:
