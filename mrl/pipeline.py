@@ -413,10 +413,7 @@ def require_resources(request: dict[str, float], purpose: str, timeout_s: float)
     if nodes_with(request):
         return
     resources = {name: value for name, value in ray.cluster_resources().items() if not name.startswith("node:")}
-    advice = (
-        f"Add a node with these resources, change the config, or set resource_timeout_s so that an autoscaling "
-        f"cluster can start one"
-    )
+    advice = "Add a node with these resources, change the config, or set resource_timeout_s so that an autoscaling cluster can start one"
     if timeout_s <= 0:
         raise ResourceError(f"{purpose} need {request} on one node, but no node of the Ray cluster has it (cluster resources: {resources}). {advice}.")
 
@@ -456,7 +453,7 @@ def check_output_location(location: str, what: str) -> None:
     if (job_config.get("runtime_env") or {}).get("working_dir"):
         raise ValueError(
             f"{what} {location!r} is a relative path, but this Ray job runs in a temporary copy of its working directory "
-            f"({os.getcwd()}) that Ray deletes; use an absolute path on the head node, a path starting with ~, "
+            f"({os.getcwd()}) that Ray deletes. Use an absolute path on the head node, a path starting with ~, "
             "or a URI such as s3://bucket/prefix"
         )
 
@@ -488,15 +485,7 @@ def run_study(study: StudyConfig) -> StoragePath:
         inputs = load_inputs(config, cache)
         folder = hive_folder(config.model_name, inputs.dataset.name)
         result = sweep_pair(config, inputs, output.join(".parts", folder), label, study.resource_timeout_s)
-
-        write_started = time.perf_counter()
-        for table, frame in zip(STUDY_TABLES, (result.metrics, result.per_query, result.stats)):
-            # The model and dataset columns are the partition keys, so they live in the folder names.
-            data = pa.Table.from_pandas(frame.drop(columns=["model", "dataset"], errors="ignore"), preserve_index=False)
-            output.join(table, folder, f"{table}.parquet").write_parquet(data)
-        inputs.timings["write"] = time.perf_counter() - write_started
-        result.manifest["seconds"] = {phase: round(value, 3) for phase, value in inputs.timings.items()}
-        output.join("manifest", folder, "manifest.json").write_json(result.manifest)
+        write_pair(output, folder, result, inputs.timings)
 
         log_summary(result.metrics, result.manifest["measures"][0], result.manifest["dims"][-1])
         log.info("%s: done, wrote %s (phases in seconds: %s)", label, output.join("*", folder), result.manifest["seconds"])
@@ -516,6 +505,18 @@ def run_study(study: StudyConfig) -> StoragePath:
     )
     log.info("study done: %d pair(s) in %.0f s; read the results with pyarrow.dataset.dataset(%r, partitioning='hive')", len(configs), time.perf_counter() - started, str(output.join("metrics")))
     return output
+
+
+def write_pair(output: StoragePath, folder: str, result: PairResult, timings: dict[str, float]) -> None:
+    """Write a finished pair's tables into its hive partition of each study table, then its manifest."""
+    started = time.perf_counter()
+    for table, frame in zip(STUDY_TABLES, (result.metrics, result.per_query, result.stats)):
+        # The model and dataset columns are the partition keys, so they live in the folder names.
+        data = pa.Table.from_pandas(frame.drop(columns=["model", "dataset"], errors="ignore"), preserve_index=False)
+        output.join(table, folder, f"{table}.parquet").write_parquet(data)
+    timings["write"] = time.perf_counter() - started
+    result.manifest["seconds"] = {phase: round(value, 3) for phase, value in timings.items()}
+    output.join("manifest", folder, "manifest.json").write_json(result.manifest)
 
 
 def write_study_charts(metrics: pd.DataFrame, folder: StoragePath, title: str) -> None:
