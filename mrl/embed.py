@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 # Bump when the cached files change meaning, so old caches are not read as new ones.
 CACHE_FORMAT = 1
 SHARD_SIZE = 256
+CPU_THREADS_PER_ACTOR = 8
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".onnx", ".gguf")
 
 
@@ -166,17 +167,33 @@ def encode_texts(model, texts: list[str], prompt: str, batch_size: int) -> np.nd
     return np.asarray(vectors, dtype=np.float32)
 
 
+def locate_model(source: ModelSource) -> str:
+    """Return the model folder on this node, downloading the resolved hub revision when this node lacks it.
+
+    The driver resolves the model on its own node; an actor on another node of a
+    cluster finds no folder at that path, so it fetches the same commit there.
+    """
+    if Path(source.path).is_dir():
+        return source.path
+    if source.revision.startswith("sha256:"):
+        raise ModelError(f"model folder {source.path} not found on this node; a local model folder must exist at the same path on every node")
+
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(repo_id=source.name, revision=source.revision, etag_timeout=10)
+
+
 @ray.remote(max_restarts=2, max_task_retries=2)
 class EmbeddingActor:
     """Holds one model replica on a GPU or on CPU cores and encodes shards of texts."""
 
-    def __init__(self, model_path: str, device: str, max_seq_length: int | None, threads: int):
+    def __init__(self, source: ModelSource, device: str, max_seq_length: int | None, threads: int):
         import torch
         from sentence_transformers import SentenceTransformer
 
         if device == "cpu":
             torch.set_num_threads(max(1, threads))
-        self.model = SentenceTransformer(model_path, device=device)
+        self.model = SentenceTransformer(locate_model(source), device=device)
         if max_seq_length:
             self.model.max_seq_length = max_seq_length
         self.half = False
@@ -214,10 +231,12 @@ def plan_actors(device: str | None) -> tuple[str, int, dict]:
             raise ModelError(f"device {device!r} requested, but the Ray cluster has no GPU (resources: {resources}); use --device cpu")
         return device, gpus, {"num_gpus": 1, "num_cpus": 1}
 
-    log.info("no GPU requested or present; embedding with CPU actors")
     # A torch model already spreads one batch over many cores, so a few wide actors beat many narrow ones.
-    actors = max(1, cpus // 8)
-    threads = max(1, cpus // actors)
+    # An actor must fit on one node, so its width is capped by the largest node's CPUs.
+    largest_node = max((int(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node.get("Alive")), default=cpus)
+    threads = max(1, min(CPU_THREADS_PER_ACTOR, largest_node))
+    actors = max(1, cpus // threads)
+    log.info("no GPU requested or present; embedding with %d CPU actor(s) of %d threads", actors, threads)
     return device, actors, {"num_cpus": threads}
 
 
@@ -325,7 +344,7 @@ def embed_dataset(
     device, n_actors, resources = plan_actors(device)
     threads = int(resources.get("num_cpus", 1))
     actor_class = EmbeddingActor.options(**resources)
-    actors = [actor_class.remote(source.path, device, max_seq_length, threads) for _ in range(n_actors)]
+    actors = [actor_class.remote(source, device, max_seq_length, threads) for _ in range(n_actors)]
     info = ray.get(actors[0].info.remote())
     facts = {"device": device, "actors": n_actors, "precision": info["precision"], "max_seq_length": info["max_seq_length"]}
 

@@ -17,9 +17,12 @@ from mrl.data import load_beir
 from mrl.embed import (
     EmbeddingsError,
     ModelError,
+    ModelSource,
     embed_dataset,
     embed_sharded,
     load_embeddings,
+    locate_model,
+    plan_actors,
     read_model_config,
     resolve_model,
     resolve_prompts,
@@ -189,3 +192,29 @@ def test_precomputed_vectors_with_nan(tmp_path, tiny_dataset):
 
     with pytest.raises(EmbeddingsError, match=r"row 2 contains NaN"):
         load_embeddings(tmp_path, tiny_dataset)
+
+
+def test_actor_plan_fits_one_node(ray_local):
+    device, actors, resources = plan_actors(None)
+
+    assert device == "cpu"
+    assert actors == 1
+    assert resources == {"num_cpus": 2}
+
+
+def test_gpu_request_without_gpu_fails(ray_local):
+    with pytest.raises(ModelError, match=r"device 'cuda' requested, but the Ray cluster has no GPU"):
+        plan_actors("cuda")
+
+
+def test_model_folder_missing_on_node(tmp_path):
+    source = ModelSource(name="local-model", path=str(tmp_path / "elsewhere"), revision="sha256:abc")
+
+    with pytest.raises(ModelError, match=r"must exist at the same path on every node"):
+        locate_model(source)
+
+
+def test_model_folder_found_on_node(minilm_path):
+    source = resolve_model(minilm_path)
+
+    assert locate_model(source) == source.path
