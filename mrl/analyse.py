@@ -755,9 +755,23 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
+# Suffix of a dtype label whose shortlist was rescored with float32 vectors, such as "b1+rescore".
+RESCORE_SUFFIX = "+rescore"
+
+
+def storage_dtype(dtype: str) -> str:
+    """Return the dtype an index stores for a dtype label: "b1" for "b1+rescore".
+
+    A rescored configuration's index holds only the quantised vectors. The float32
+    vectors it rescores with are read from storage outside the index, so the memory
+    estimates leave them out.
+    """
+    return dtype.removesuffix(RESCORE_SUFFIX)
+
+
 def _check_dtype(dtype: str) -> None:
-    if dtype not in DTYPE_BITS:
-        raise ValueError(f"unknown dtype {dtype!r}, expected one of {list(DTYPE_BITS)}")
+    if storage_dtype(dtype) not in DTYPE_BITS:
+        raise ValueError(f"unknown dtype {dtype!r}, expected one of {list(DTYPE_BITS)}, optionally with the suffix {RESCORE_SUFFIX!r}")
 
 
 def _check_positive_int(value: int, name: str, minimum: int = 1) -> None:
@@ -773,7 +787,7 @@ def bytes_per_vector(dim: int, dtype: str) -> int:
     """
     _check_positive_int(dim, "dim")
     _check_dtype(dtype)
-    return -(-dim * DTYPE_BITS[dtype] // 8)
+    return -(-dim * DTYPE_BITS[storage_dtype(dtype)] // 8)
 
 
 def _expected_node_bytes(connectivity: int) -> float:

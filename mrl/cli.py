@@ -11,7 +11,7 @@ from mrl.config import DEFAULT_DATASET, DEFAULT_MODEL, SweepConfig
 from mrl.data import DataError
 from mrl.embed import EmbeddingsError, ModelError
 from mrl.evaluate import DEFAULT_MEASURES
-from mrl.sweep import INDEXES, HnswParams
+from mrl.sweep import DTYPES, INDEXES, RESCORE_DTYPES, RESCORE_SUFFIX, HnswParams
 
 DESCRIPTION = """\
 mrl measures how far the vectors of a Matryoshka embedding model can be truncated
@@ -57,6 +57,37 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--expansion-search", type=int, default=defaults.expansion_search, help="HNSW candidate list size while searching (ef)")
     search.add_argument("--measures", default=" ".join(DEFAULT_MEASURES), help="measures in ir-measures notation, space or comma separated")
 
+    precision = sweep.add_argument_group("precision")
+    precision.add_argument(
+        "--dtypes",
+        default="f32",
+        help=f"vector precisions to search at every dim, comma separated: {','.join(DTYPES)}. Both indexes store the "
+        "vectors in each dtype as usearch does: cosine for floats and i8, Hamming distance of sign bits for b1",
+    )
+    precision.add_argument(
+        "--rescore",
+        type=int,
+        default=0,
+        help=f"shortlist size, in documents per query, that {' and '.join(RESCORE_DTYPES)} results are rescored from with "
+        f"the float32 truncated vectors. The results are recorded as dtypes "
+        f"{' and '.join(repr(dtype + RESCORE_SUFFIX) for dtype in RESCORE_DTYPES)}. 0 turns rescoring off. A common choice "
+        "is 10 x --top-k",
+    )
+
+    funnel = sweep.add_argument_group("two-stage (funnel) retrieval")
+    funnel.add_argument(
+        "--funnel-shortlist-dims",
+        default=None,
+        help="turn the funnel on: truncation dims of the f32 HNSW index that shortlists documents, in --dims notation "
+        "such as 64,128; without it no funnel runs",
+    )
+    funnel.add_argument("--funnel-k", default="100,200", help="shortlist sizes K, documents per query, comma separated")
+    funnel.add_argument(
+        "--funnel-rerank-dims",
+        default="full",
+        help="truncation dims at which the shortlist is reranked by exact cosine, in --dims notation; 'full' is the embeddings' size",
+    )
+
     output = sweep.add_argument_group("output")
     output.add_argument("--out", type=Path, default=None, help="output folder (default results/DATASET-MODEL)")
     output.add_argument("--cache", type=Path, default=None, help="cache folder for datasets and embeddings (default $MRL_CACHE, else the user cache folder)")
@@ -85,6 +116,9 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
         ignore_identical_ids=args.ignore_identical_ids,
         strict=args.strict,
         cache=args.cache,
+        dtypes=tuple(args.dtypes.split(",")),
+        rescore=args.rescore,
+        funnel=(args.funnel_shortlist_dims, args.funnel_k, args.funnel_rerank_dims) if args.funnel_shortlist_dims else None,
     )
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mrl.evaluate import DEFAULT_MEASURES, parse_measures
-from mrl.sweep import INDEXES, HnswParams, parse_dims
+from mrl.sweep import INDEXES, HnswParams, parse_dims, parse_dtypes
 
 DEFAULT_MODEL = "Qwen/Qwen3-Embedding-0.6B"
 DEFAULT_DATASET = "nfcorpus"
@@ -37,6 +37,10 @@ class SweepConfig:
     ignore_identical_ids: bool = False
     strict: bool = False
     cache: Path | None = None
+    dtypes: tuple[str, ...] = ("f32",)
+    rescore: int = 0
+    # (shortlist dims, shortlist sizes, rerank dims) as given; checked against the vectors' size once they are loaded.
+    funnel: tuple[str, str, str] | None = None
 
     def __post_init__(self) -> None:
         unknown = [index for index in self.indexes if index not in INDEXES]
@@ -44,6 +48,9 @@ class SweepConfig:
             raise ValueError(f"invalid index {unknown[0] if unknown else ''!r}; expected one or more of {', '.join(INDEXES)}")
         if self.top_k < 1:
             raise ValueError(f"top-k must be at least 1, got {self.top_k}")
+        self.dtypes = parse_dtypes(self.dtypes)
+        if self.rescore < 0:
+            raise ValueError(f"rescore must be 0 (off) or a positive shortlist size, got {self.rescore}")
         for name in ("connectivity", "expansion_add", "expansion_search"):
             if getattr(self.hnsw, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self.hnsw, name)}")
@@ -75,7 +82,7 @@ def safe_name(name: str) -> str:
 # Keys of a study config file that set the SweepConfig field of the same name in every pair.
 STUDY_SETTINGS = (
     "dims", "indexes", "measures", "top_k", "hnsw", "split", "device", "batch_size", "max_seq_length",
-    "query_prompt", "document_prompt", "ignore_identical_ids", "strict", "cache",
+    "query_prompt", "document_prompt", "ignore_identical_ids", "strict", "cache", "dtypes", "rescore", "funnel",
 )
 STUDY_KEYS = ("models", "datasets", "output", "resource_timeout_s", *STUDY_SETTINGS)
 MODEL_KEYS = ("model", "embeddings", "name", "datasets", "query_prompt", "document_prompt", "max_seq_length")
@@ -241,6 +248,14 @@ def parse_settings(raw: dict, where: str) -> dict:
         settings["indexes"] = parse_names(raw["indexes"], f"{where}: indexes")
     if raw.get("measures") is not None:
         settings["measures"] = parse_names(raw["measures"], f"{where}: measures")
+    if raw.get("dtypes") is not None:
+        settings["dtypes"] = parse_names(raw["dtypes"], f"{where}: dtypes")
+    if raw.get("rescore") is not None:
+        if not isinstance(raw["rescore"], int) or isinstance(raw["rescore"], bool) or raw["rescore"] < 0:
+            raise ConfigError(f"{where}: rescore: expected 0 (off) or a positive shortlist size, got {raw['rescore']!r}")
+        settings["rescore"] = raw["rescore"]
+    if raw.get("funnel") is not None:
+        settings["funnel"] = parse_funnel_setting(raw["funnel"], f"{where}: funnel")
     if raw.get("cache") is not None:
         settings["cache"] = Path(expand_path(str(raw["cache"])))
 
@@ -256,6 +271,25 @@ def parse_settings(raw: dict, where: str) -> dict:
                 raise ConfigError(f"{where}: hnsw.{key}: expected an integer, got {number!r}")
         settings["hnsw"] = HnswParams(**hnsw)
     return settings
+
+
+FUNNEL_SETTING_KEYS = ("shortlist_dims", "shortlist_k", "rerank_dims")
+
+
+def parse_funnel_setting(value: object, where: str) -> tuple[str, str, str]:
+    """Parse a study file's funnel mapping, such as ``{shortlist_dims: "64,128", shortlist_k: [100, 200], rerank_dims: 384}``."""
+    if not isinstance(value, dict) or set(value) != set(FUNNEL_SETTING_KEYS):
+        raise ConfigError(f"{where}: expected a mapping with the keys {', '.join(FUNNEL_SETTING_KEYS)}, got {value!r}")
+    parts = []
+    for key in FUNNEL_SETTING_KEYS:
+        item = value[key]
+        if isinstance(item, list) and all(isinstance(number, int) and not isinstance(number, bool) for number in item):
+            parts.append(",".join(str(number) for number in item))
+        elif isinstance(item, (str, int)) and not isinstance(item, bool):
+            parts.append(str(item))
+        else:
+            raise ConfigError(f"{where}: {key}: expected a string such as \"64,128\" or a list of integers, got {item!r}")
+    return parts[0], parts[1], parts[2]
 
 
 def load_study(path: str | Path, *, output: str | Path | None = None) -> StudyConfig:

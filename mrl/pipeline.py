@@ -31,6 +31,7 @@ from mrl.config import DEFAULT_MODEL, StudyConfig, SweepConfig, dataset_name, sa
 from mrl.data import Dataset, cache_dir, hash_files, load_dataset
 from mrl.embed import Embeddings, embed_dataset, load_embeddings, plan_actors
 from mrl.evaluate import parse_measures
+from mrl.funnel import FUNNEL_KEYS, FunnelGrid, aggregate_funnel, funnel_task, parse_funnel
 from mrl.output import write_json, write_parquet
 from mrl.report import write_report
 from mrl.storage import StoragePath, hive_folder
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 
 PACKAGES = ("mrl", "ray", "sentence-transformers", "torch", "transformers", "usearch", "ir-measures", "numpy", "pandas", "pyarrow", "altair")
 # Bump when part files change meaning, so a resumed sweep never mixes old and new parts.
-PARTS_FORMAT = 1
+PARTS_FORMAT = 2
 WARNINGS_IN_MANIFEST = 200
 # Seconds between progress lines while a sweep runs; a line is also logged when it ends.
 PROGRESS_INTERVAL_S = 15.0
@@ -50,6 +51,8 @@ TASK_RETRIES = 3
 RESOURCE_POLL_S = 5.0
 # Tables of a study's output, each a hive-partitioned Parquet dataset below the output folder.
 STUDY_TABLES = ("metrics", "per_query", "sweep_stats")
+# Tables a pair adds when it evaluates a funnel grid, in the same layout.
+FUNNEL_TABLES = ("funnel", "funnel_per_query", "funnel_stats")
 
 
 class ResourceError(RuntimeError):
@@ -113,8 +116,8 @@ def write_part(path: StoragePath, frame: pd.DataFrame, stats: list[dict]) -> Non
 
 
 def aggregate(per_query: pd.DataFrame) -> pd.DataFrame:
-    """Average per-query values into one row per model, dataset, index, dim and measure."""
-    keys = ["model", "dataset", "index", "dim", "measure"]
+    """Average per-query values into one row per model, dataset, index, dtype, dim and measure."""
+    keys = ["model", "dataset", "index", "dtype", "dim", "measure"]
     metrics = per_query.groupby(keys, sort=True, observed=True)["value"].agg(value="mean", n_queries="count").reset_index()
     return metrics[[*keys, "value", "n_queries"]]
 
@@ -140,6 +143,8 @@ class PairResult:
     metrics: pd.DataFrame
     stats: pd.DataFrame
     manifest: dict
+    # Funnel tables by name (FUNNEL_TABLES), empty when the pair evaluates no funnel grid.
+    funnel: dict[str, pd.DataFrame] = field(default_factory=dict)
 
 
 def load_inputs(config: SweepConfig, cache: Path) -> PairInputs:
@@ -192,6 +197,8 @@ def search_settings(config: SweepConfig) -> SearchSettings:
         top_k=config.top_k,
         hnsw=config.hnsw,
         ignore_identical_ids=config.ignore_identical_ids,
+        dtypes=tuple(config.dtypes),
+        rescore=config.rescore,
     )
 
 
@@ -215,14 +222,52 @@ def sweep_pair(config: SweepConfig, inputs: PairInputs, parts_root: StoragePath,
 
     per_query.insert(0, "dataset", dataset.name)
     per_query.insert(0, "model", config.model_name)
-    per_query = per_query[["model", "dataset", "index", "dim", "query_id", "measure", "value"]]
+    per_query = per_query[["model", "dataset", "index", "dtype", "dim", "query_id", "measure", "value"]]
     metrics = aggregate(per_query)
-    stats_frame = pd.DataFrame(stats).sort_values("dim").reset_index(drop=True)
-    zero_dims = [row for row in stats if row["zero_docs"] or row["zero_queries"]]
+    # A stable sort keeps each dim's dtypes in the order the task searched them.
+    stats_frame = pd.DataFrame(stats).sort_values("dim", kind="stable").reset_index(drop=True)
+    zero_dims = sorted({row["dim"] for row in stats if row["zero_docs"] or row["zero_queries"]})
     if zero_dims:
         log.warning("%d dims truncated some vectors to all zeros; counts per dim are in sweep_stats.parquet", len(zero_dims))
     manifest = build_manifest(inputs, dims, settings, measure_names, stats, len(zero_dims))
-    return PairResult(per_query, metrics, stats_frame, manifest)
+
+    funnel_tables: dict[str, pd.DataFrame] = {}
+    if config.funnel is not None:
+        grid = parse_funnel(*config.funnel, embeddings.dim)
+        started = time.perf_counter()
+        funnel_per_query, funnel_stats = run_funnel(embeddings, dataset, grid, settings, measure_names, label)
+        inputs.timings["funnel"] = time.perf_counter() - started
+        funnel_per_query.insert(0, "dataset", dataset.name)
+        funnel_per_query.insert(0, "model", config.model_name)
+        funnel_tables = {"funnel": aggregate_funnel(funnel_per_query), "funnel_per_query": funnel_per_query, "funnel_stats": funnel_stats}
+        manifest["funnel"] = asdict(grid)
+    return PairResult(per_query, metrics, stats_frame, manifest, funnel_tables)
+
+
+def run_funnel(embeddings: Embeddings, dataset: Dataset, grid: FunnelGrid, settings: SearchSettings, measures: list[str], label: str = "") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Evaluate a funnel grid on Ray, one task per shortlist dim; return per-query rows and stats.
+
+    NOTE: funnel results have no part files, so a stopped sweep reruns its whole funnel grid.
+    """
+    prefix = f"{label}: " if label else ""
+    log.info(
+        "%sfunnel: %d configurations (shortlist dims %s, shortlist sizes %s, rerank dims %s)",
+        prefix, grid.size(), list(grid.shortlist_dims), list(grid.shortlist_ks), list(grid.rerank_dims),
+    )
+    corpus_ref = ray.put(embeddings.corpus)
+    queries_ref = ray.put(embeddings.queries)
+    corpus_ids_ref = ray.put(np.asarray(dataset.corpus_ids, dtype=object))
+    query_ids_ref = ray.put(list(dataset.query_ids))
+    qrels_ref = ray.put(dataset.qrels[["query_id", "doc_id", "relevance"]])
+    task = funnel_task.options(scheduling_strategy="SPREAD", max_retries=TASK_RETRIES)
+    refs = [
+        task.remote(corpus_ref, queries_ref, shortlist_dim, grid, settings, corpus_ids_ref, query_ids_ref, qrels_ref, measures)
+        for shortlist_dim in grid.shortlist_dims
+    ]
+    results = ray.get(refs)
+    per_query = pd.concat([frame for frame, _ in results], ignore_index=True)
+    stats = pd.DataFrame([row for _, rows in results for row in rows])
+    return per_query.sort_values(list(FUNNEL_KEYS), kind="stable").reset_index(drop=True), stats
 
 
 def build_manifest(inputs: PairInputs, dims: list[int], settings: SearchSettings, measure_names: list[str], stats: list[dict], zero_dims: int) -> dict:
@@ -243,7 +288,11 @@ def build_manifest(inputs: PairInputs, dims: list[int], settings: SearchSettings
         "full_dim": inputs.embeddings.dim,
         "dims": dims,
         "indexes": list(settings.indexes),
-        "hnsw": {**asdict(settings.hnsw), "metric": "cos", "dtype": "f32"},
+        "hnsw": asdict(settings.hnsw),
+        "dtypes": list(settings.dtypes),
+        # usearch's metric per dtype, for the exact and the HNSW search alike.
+        "metrics": {dtype: "hamming" if dtype == "b1" else "cos" for dtype in settings.dtypes},
+        "rescore": settings.rescore,
         "top_k": settings.top_k,
         "ignore_identical_ids": settings.ignore_identical_ids,
         "measures": measure_names,
@@ -257,7 +306,7 @@ def build_manifest(inputs: PairInputs, dims: list[int], settings: SearchSettings
 def log_summary(metrics: pd.DataFrame, measure: str, dim: int) -> None:
     summary = metrics[(metrics["measure"] == measure) & (metrics["dim"] == dim)]
     for row in summary.itertuples():
-        log.info("%s at dim %d, %s: %.4f over %d queries", row.measure, row.dim, row.index, row.value, row.n_queries)
+        log.info("%s at dim %d, %s, %s: %.4f over %d queries", row.measure, row.dim, row.index, row.dtype, row.value, row.n_queries)
 
 
 def run_sweep(config: SweepConfig) -> Path:
@@ -272,6 +321,12 @@ def run_sweep(config: SweepConfig) -> Path:
     write_parquet(result.per_query, out / "per_query.parquet")
     write_parquet(result.metrics, out / "metrics.parquet")
     write_parquet(result.stats, out / "sweep_stats.parquet")
+    for table in FUNNEL_TABLES:
+        if table in result.funnel:
+            write_parquet(result.funnel[table], out / f"{table}.parquet")
+        else:
+            # A funnel table of an earlier run into this folder would be reported as this run's.
+            (out / f"{table}.parquet").unlink(missing_ok=True)
     charts.write_measure_charts(result.metrics, out / "charts", f"{config.model_name} on {inputs.dataset.name}")
     inputs.timings["write"] = time.perf_counter() - started
     result.manifest["seconds"] = {phase: round(value, 3) for phase, value in inputs.timings.items()}
@@ -381,7 +436,7 @@ def sweep(
                 log.error("%sthe task for dims %s failed after %d retries; finished dims are kept, so a rerun resumes", progress.label, group, TASK_RETRIES)
                 raise
             frame = pd.concat([result[1] for result in results], ignore_index=True)
-            part_stats = [result[2] for result in results]
+            part_stats = [row for result in results for row in result[2]]
             write_part(parts.join(f"part-{min(group):05d}-{len(group):05d}.parquet"), frame, part_stats)
             frames.append(frame)
             stats.extend(part_stats)
@@ -510,7 +565,7 @@ def run_study(study: StudyConfig) -> StoragePath:
 def write_pair(output: StoragePath, folder: str, result: PairResult, timings: dict[str, float]) -> None:
     """Write a finished pair's tables into its hive partition of each study table, then its manifest."""
     started = time.perf_counter()
-    for table, frame in zip(STUDY_TABLES, (result.metrics, result.per_query, result.stats)):
+    for table, frame in [*zip(STUDY_TABLES, (result.metrics, result.per_query, result.stats)), *result.funnel.items()]:
         # The model and dataset columns are the partition keys, so they live in the folder names.
         data = pa.Table.from_pandas(frame.drop(columns=["model", "dataset"], errors="ignore"), preserve_index=False)
         output.join(table, folder, f"{table}.parquet").write_parquet(data)

