@@ -134,3 +134,34 @@ def aggregate_funnel(per_query: pd.DataFrame) -> pd.DataFrame:
     keys = ["model", "dataset", *FUNNEL_KEYS, "measure"]
     metrics = per_query.groupby(keys, sort=True, observed=True)["value"].agg(value="mean", n_queries="count").reset_index()
     return metrics[[*keys, "value", "n_queries"]]
+
+
+# Share of the full-size mean at which the report counts a funnel configuration as matching the full size.
+MATCH_SHARE = 0.99
+
+
+def summarise_funnel(funnel: pd.DataFrame, metrics: pd.DataFrame, measure: str, n_docs: int, full_dim: int, connectivity: int = 16) -> pd.DataFrame:
+    """Compare each funnel configuration with full-size exact f32 search, in quality and in memory.
+
+    ``funnel`` and ``metrics`` are one pair's funnel.parquet and metrics.parquet. Returns
+    one row per configuration with its mean and ``share_of_full``, which is NaN when the
+    sweep has no exact f32 result at ``full_dim``. ``matches_full`` is a share of at least
+    MATCH_SHARE. The memory columns estimate, for ``n_docs`` documents, the shortlist HNSW
+    index and a full-size f32 HNSW index (``analyse.index_memory_bytes``). ``rerank_bytes``
+    is the float32 vectors the rerank reads, n_docs x 4 x rerank dim bytes, which can stay on disk.
+    """
+    from mrl.analyse import bytes_per_vector, index_memory_bytes
+
+    rows = funnel[funnel["measure"] == measure].sort_values(list(FUNNEL_KEYS)).reset_index(drop=True)
+    full = metrics[(metrics["measure"] == measure) & (metrics["index"] == "exact") & (metrics["dim"] == full_dim)]
+    if "dtype" in full.columns:
+        full = full[full["dtype"] == "f32"]
+    full_size = float(full["value"].iloc[0]) if len(full) else float("nan")
+
+    summary = rows[[*FUNNEL_KEYS, "value", "n_queries"]].rename(columns={"value": "mean"})
+    summary["share_of_full"] = summary["mean"] / full_size
+    summary["matches_full"] = summary["share_of_full"] >= MATCH_SHARE
+    summary["shortlist_index_bytes"] = [index_memory_bytes(n_docs, int(dim), "f32", connectivity) for dim in summary["shortlist_dim"]]
+    summary["full_index_bytes"] = index_memory_bytes(n_docs, full_dim, "f32", connectivity)
+    summary["rerank_bytes"] = [n_docs * bytes_per_vector(int(dim), "f32") for dim in summary["rerank_dim"]]
+    return summary

@@ -626,6 +626,51 @@ def _table_html(table: pd.DataFrame, several_pairs: bool) -> str:
     return "\n".join(lines)
 
 
+def funnel_html(run_dir: Path, used: dict, manifests: list[tuple[str, dict]]) -> str:
+    """Render the two-stage (funnel) retrieval section of a single-pair run, or "" when it has no funnel.parquet.
+
+    NOTE: a study keeps its funnel tables in hive folders, which this section does not read yet.
+    """
+    from mrl.funnel import MATCH_SHARE, summarise_funnel
+
+    path = Path(run_dir) / "funnel.parquet"
+    if not path.is_file() or not manifests:
+        return ""
+    manifest = manifests[0][1]
+    measure = str(used.get("measure") or "nDCG@10")
+    n_docs = int((manifest.get("dataset") or {}).get("documents") or 0)
+    full_dim = int(manifest["full_dim"])
+    connectivity = _manifest_connectivity(manifests)
+    summary = summarise_funnel(pd.read_parquet(path), pd.read_parquet(Path(run_dir) / "metrics.parquet"), measure, n_docs, full_dim, connectivity)
+    if summary.empty:
+        return ""
+
+    headings = ["shortlist dim", "K", "rerank dim", "mean", "share of full", f"matches (>= {MATCH_SHARE:.0%})", "shortlist index", "of full-size index", "rerank vectors"]
+    lines = ["<table>", "<thead><tr>", "".join(f"<th>{html.escape(heading)}</th>" for heading in headings), "</tr></thead>\n<tbody>"]
+    for row in summary.itertuples():
+        cells = [
+            row.shortlist_dim,
+            row.shortlist_k,
+            row.rerank_dim,
+            f"{row.mean:.4f}",
+            "-" if pd.isna(row.share_of_full) else f"{row.share_of_full:.1%}",
+            "yes" if row.matches_full else "no",
+            format_bytes(row.shortlist_index_bytes),
+            f"{row.shortlist_index_bytes / row.full_index_bytes:.0%}",
+            format_bytes(row.rerank_bytes),
+        ]
+        lines.append("<tr>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in cells) + "</tr>")
+    lines.append("</tbody></table>")
+    intro = (
+        f"Each row shortlists K documents per query from an f32 HNSW index at the shortlist dim, reranks them by "
+        f"exact cosine at the rerank dim and scores the top {manifest.get('top_k')}. Share of full is the mean "
+        f"{html.escape(measure)} against exact f32 search at the full size ({full_dim} dims). Index memory is "
+        f"estimated for {n_docs:,} documents with connectivity {connectivity}, by the formula in Methods. The rerank "
+        f"reads float32 vectors at the rerank dim (documents x 4 x rerank dim bytes), which can stay on disk."
+    )
+    return f"<h2>Two-stage (funnel) retrieval</h2>\n<p>{intro}</p>\n" + "\n".join(lines)
+
+
 def methods_html(summary_settings: dict, used: dict) -> str:
     """Describe the interval, test, correction, knee and memory estimate of a report."""
     level = summary_settings.get("level", 0.95)
@@ -712,6 +757,7 @@ def report_html(
     used: dict,
     summary_settings: dict,
     manifests: list[tuple[str, dict]],
+    funnel_section: str = "",
 ) -> str:
     """Assemble the report page: charts inline with the vega-embed bundle, so it works offline."""
     import vl_convert
@@ -761,6 +807,7 @@ def report_html(
 {_table_html(table, several_pairs)}
 <h2>Charts</h2>
 {"".join(figures)}
+{funnel_section}
 <h2>Methods</h2>
 {methods_html(summary_settings, used)}
 <h2>Manifest</h2>
@@ -797,7 +844,7 @@ def render_report(run_dir: Path, zoom: tuple[int, int] | None = None) -> Path:
     if study.is_file():
         manifests.insert(0, ("study.json", json.loads(study.read_text(encoding="utf-8"))))
     page = report_html(
-        f"mrl report: {_pair_title(summary)}", built, table, used, summary_settings, manifests
+        f"mrl report: {_pair_title(summary)}", built, table, used, summary_settings, manifests, funnel_html(folder, used, manifests)
     )
     path = folder / REPORT_FILE
     write_text(page, path)
