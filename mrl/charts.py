@@ -19,25 +19,35 @@ def measure_file_stem(measure: str) -> str:
 
 
 def measure_chart(metrics: pd.DataFrame, measure: str, title: str) -> alt.Chart:
-    """Plot one measure against truncation dim, one line per index, with tooltips.
+    """Plot one measure against truncation dim, one line per index and dtype, with tooltips.
 
-    ``metrics`` holds at most one row per (index, dim) for the measure, so even
-    1..1024 dims with two indexes stay well under Altair's 5,000-row limit.
+    ``metrics`` holds at most one row per (index, dtype, dim) for the measure, so
+    1..1024 dims with two indexes and one dtype stay well under Altair's 5,000-row limit.
     """
-    data = metrics.loc[metrics["measure"] == measure, ["index", "dim", "value", "n_queries"]]
+    data = metrics.loc[metrics["measure"] == measure].copy()
+    if "dtype" not in data.columns:
+        data["dtype"] = "f32"
+    data = data[["index", "dtype", "dim", "value", "n_queries"]]
+    several_dtypes = data["dtype"].nunique() > 1
+    # With several dtypes, colour tells the dtypes apart and dashes the indexes; otherwise colour is the index.
+    color = alt.Color("dtype:N", title="dtype") if several_dtypes else alt.Color("index:N", title="index")
+    encodings = {"strokeDash": alt.StrokeDash("index:N", title="index")} if several_dtypes else {}
     return (
         alt.Chart(data, title=title)
         .mark_line(point=alt.OverlayMarkDef(size=12), strokeWidth=1.5)
         .encode(
             x=alt.X("dim:Q", title="truncation dim"),
             y=alt.Y("value:Q", title=measure, scale=alt.Scale(zero=False)),
-            color=alt.Color("index:N", title="index"),
+            color=color,
+            detail=alt.Detail("index:N"),
             tooltip=[
                 alt.Tooltip("index:N"),
+                alt.Tooltip("dtype:N"),
                 alt.Tooltip("dim:Q", title="dim"),
                 alt.Tooltip("value:Q", title=measure, format=".4f"),
                 alt.Tooltip("n_queries:Q", title="queries"),
             ],
+            **encodings,
         )
         .properties(width=640, height=320)
         .interactive()

@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         "sweep",
         help="embed once, then search and score every truncation dim",
         description="Embed a benchmark once at full size, then search and score every truncation dim.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     inputs = sweep.add_argument_group("model and data")
     inputs.add_argument("--model", default=None, help=f"sentence-transformers model: a Hugging Face Hub name or a local folder (default {DEFAULT_MODEL}; with --embeddings, only a label)")
@@ -323,7 +323,7 @@ def run_report(args: argparse.Namespace) -> None:
 
     folder = report.check_run_folder(args.run_dir)
     zoom = report.parse_zoom(args.zoom) if args.zoom else None
-    if report.read_summary(folder) is None or report.read_recommendation(folder) is None:
+    if not report.summary_is_current(folder) or report.read_recommendation(folder) is None:
         path = report.write_report(folder, zoom=zoom)
     else:
         path = report.render_report(folder, zoom)
@@ -353,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ANALYSIS_COMMANDS:
         return run_analysis_command(args)
 
+    import ray.exceptions
+
     from mrl.pipeline import ResourceError, run_study, run_sweep
 
     try:
@@ -363,6 +365,15 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, EmbeddingsError, ModelError, ResourceError, ValueError) as error:
         print(f"mrl: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("mrl: interrupted; finished dims are kept, so the same command resumes the sweep", file=sys.stderr)
+        return 130
+    except ray.exceptions.RayError as error:
+        # A failure inside an actor or task (an invalid --device, a folder that is not a model)
+        # arrives wrapped in Ray's traceback; its last line is the cause.
+        lines = [line for line in str(error).splitlines() if line.strip()]
+        print(f"mrl: error: a Ray worker failed: {lines[-1] if lines else type(error).__name__}", file=sys.stderr)
+        return 1
     return 0
 
 

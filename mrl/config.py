@@ -12,6 +12,8 @@ from mrl.sweep import INDEXES, HnswParams, parse_dims, parse_dtypes
 
 DEFAULT_MODEL = "Qwen/Qwen3-Embedding-0.6B"
 DEFAULT_DATASET = "nfcorpus"
+# An upper bound for checking --dims before the embeddings' size is known.
+MAX_CHECKED_DIM = 1 << 20
 GENERIC_FOLDER_NAMES = {"model", "models", "checkpoint", "final"}
 
 
@@ -54,6 +56,12 @@ class SweepConfig:
         for name in ("connectivity", "expansion_add", "expansion_search"):
             if getattr(self.hnsw, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self.hnsw, name)}")
+
+        # Check the dims and measures before any data is loaded or embedded; only the upper
+        # bound of the dims waits for the vectors, whose size is not known yet.
+        if self.dims != "all":
+            parse_dims(self.dims, MAX_CHECKED_DIM)
+        parse_measures(list(self.measures))
 
     @property
     def model_name(self) -> str:

@@ -30,7 +30,7 @@ from mrl import charts
 from mrl.config import DEFAULT_MODEL, StudyConfig, SweepConfig, dataset_name, safe_name
 from mrl.data import Dataset, cache_dir, hash_files, load_dataset
 from mrl.embed import Embeddings, embed_dataset, load_embeddings, plan_actors
-from mrl.evaluate import parse_measures
+from mrl.evaluate import max_cutoff, parse_measures
 from mrl.funnel import FUNNEL_KEYS, FunnelGrid, aggregate_funnel, funnel_task, parse_funnel
 from mrl.output import write_json, write_parquet
 from mrl.report import write_report
@@ -209,6 +209,12 @@ def sweep_pair(config: SweepConfig, inputs: PairInputs, parts_root: StoragePath,
     measures = parse_measures(list(config.measures))
     measure_names = [str(measure) for measure in measures]
     settings = search_settings(config)
+    cutoff = max_cutoff(measures)
+    if cutoff is None or cutoff > settings.top_k:
+        log.warning(
+            "measures %s read past --top-k %d: documents below rank %d are never retrieved, so those measures are computed on the top %d only",
+            " ".join(measure_names), settings.top_k, settings.top_k, settings.top_k,
+        )
     log.info(
         "sweeping %d dims (%d..%d) of %s on %s with indexes %s, top-k %d, HNSW %s; measures %s",
         len(dims), dims[0], dims[-1], config.model_name, dataset.name, ",".join(settings.indexes), settings.top_k,

@@ -16,6 +16,7 @@ statistics.
 
 from __future__ import annotations
 
+import hashlib
 import html
 import json
 import logging
@@ -203,6 +204,21 @@ def _settings_metadata(settings: StatisticsSettings) -> dict:
     return {**asdict(settings), "interval": analyse.INTERVAL_METHOD, "test": analyse.PAIRED_TEST}
 
 
+def scores_fingerprint(run_dir: Path) -> str:
+    """Return a hash of the per-query score files' names, sizes and modification times.
+
+    A summary stored with another fingerprint was computed from other scores (a re-sweep
+    with other dims or prompts), so it is recomputed.
+    """
+    run_dir = Path(run_dir)
+    files = [run_dir / PER_QUERY_FILE] if (run_dir / PER_QUERY_FILE).is_file() else sorted((run_dir / PER_QUERY_FOLDER).rglob("*.parquet"))
+    digest = hashlib.sha256()
+    for path in files:
+        stat = path.stat()
+        digest.update(f"{path.relative_to(run_dir)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
 def read_summary(run_dir: Path) -> tuple[pd.DataFrame, dict] | None:
     """Return the stored summary and its settings, or None when the run has none yet."""
     path = Path(run_dir) / SUMMARY_FILE
@@ -228,9 +244,16 @@ def summarise_run(run_dir: Path, settings: StatisticsSettings) -> pd.DataFrame:
         seed=settings.seed,
     )
     table = pa.Table.from_pandas(summary, preserve_index=False)
-    metadata = {SUMMARY_METADATA_KEY: json.dumps(_settings_metadata(settings)).encode()}
+    stored_settings = {**_settings_metadata(settings), "scores": scores_fingerprint(run_dir)}
+    metadata = {SUMMARY_METADATA_KEY: json.dumps(stored_settings).encode()}
     write_parquet(table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata}), Path(run_dir) / SUMMARY_FILE)
     return summary
+
+
+def summary_is_current(run_dir: Path) -> bool:
+    """Return whether summary.parquet exists and was computed from the run's current per-query scores."""
+    stored = read_summary(run_dir)
+    return stored is not None and stored[1].get("scores") == scores_fingerprint(run_dir)
 
 
 def load_summary(run_dir: Path, settings: StatisticsSettings) -> pd.DataFrame:
@@ -238,9 +261,9 @@ def load_summary(run_dir: Path, settings: StatisticsSettings) -> pd.DataFrame:
     stored = read_summary(run_dir)
     if stored is not None:
         summary, stored_settings = stored
-        if stored_settings == _settings_metadata(settings):
+        if stored_settings == {**_settings_metadata(settings), "scores": scores_fingerprint(run_dir)}:
             return summary
-        log.info("recomputing %s: it was computed with other settings", SUMMARY_FILE)
+        log.info("recomputing %s: it was computed from other scores or with other settings", SUMMARY_FILE)
     if not (Path(run_dir) / PER_QUERY_FILE).is_file() and not (Path(run_dir) / PER_QUERY_FOLDER).is_dir():
         raise RunFolderError(
             f"{str(run_dir)!r} has no per-query scores, so the statistics cannot be "
@@ -474,15 +497,17 @@ def parse_zoom(text: str) -> tuple[int, int]:
     return low, high
 
 
-def default_zoom(summary: pd.DataFrame, recommendation: pd.DataFrame) -> tuple[int, int]:
+def default_zoom(summary: pd.DataFrame, recommendation: pd.DataFrame) -> tuple[int, int] | None:
     """Return a dim range from just below the keep-X% and not-worse dims to the full size.
 
     The range starts about 5% of its width below the smallest dim those rules chose, so
     that its mark and label stay clear of the axis. The knee usually lies far below the
     plateau, so it is left out. When the rules all chose the full size, the range covers
-    the top quarter of the dims.
+    the top quarter of the dims. A run of one dim has no range, so it returns None.
     """
     dims = np.sort(summary["dim"].unique())
+    if len(dims) < 2:
+        return None
     high = int(dims[-1])
     plateau_rules = recommendation["rule"].str.startswith("keep ") | (
         recommendation["rule"] == "not significantly worse"
@@ -539,7 +564,9 @@ def build_charts(
                 summary, measure, recommendation=recommendation, title=f"{measure}: {subject}"
             ),
         ),
-        ReportChart(
+    ]
+    if zoom_range is not None:
+        built.append(ReportChart(
             f"zoom-{stem}",
             f"{measure}, dims {zoom_range[0]} to {zoom_range[1]}",
             f"The same curve zoomed into dims {zoom_range[0]} to {zoom_range[1]}. {marks_note}",
@@ -550,7 +577,8 @@ def build_charts(
                 dim_range=zoom_range,
                 title=f"{measure}, dims {zoom_range[0]}-{zoom_range[1]}: {subject}",
             ),
-        ),
+        ))
+    built.append(
         ReportChart(
             f"bytes-{stem}-{index}",
             f"{measure} against bytes per vector",
@@ -558,8 +586,8 @@ def build_charts(
             f"on a log scale. The step line joins the Pareto frontier: the points that no "
             f"other point beats with fewer or equal bytes.",
             charts.bytes_chart(summary, measure, index, title=f"{measure} by bytes per vector: {subject}"),
-        ),
-    ]
+        )
+    )
     for other in dict.fromkeys(summary["measure"]):
         if other == measure:
             continue

@@ -87,6 +87,25 @@ def test_sweep_resumes_finished_dims(ray_local, tmp_path, scifact, scifact_embed
     metrics = pd.read_parquet(out / "metrics.parquet")
     assert sorted(metrics["dim"].unique()) == [8, 16, 24]
     assert not metrics.duplicated(["index", "dim", "measure"]).any()
+    summary = pd.read_parquet(out / "summary.parquet")
+    assert sorted(summary["dim"].unique()) == [8, 16, 24], "the statistics follow the new per-query scores"
+
+
+def test_sweep_of_one_dim_writes_report(ray_local, tmp_path, scifact, scifact_embeddings):
+    out = tmp_path / "run"
+
+    code = main(["sweep", "--embeddings", str(scifact_embeddings), "--dataset", str(scifact), "--dims", "384", "--out", str(out)])
+
+    assert code == 0
+    assert (out / "report.html").is_file()
+    assert not (out / "charts" / "zoom-nDCG_at_10.png").exists()
+
+
+def test_invalid_dims_rejected_before_loading(tmp_path):
+    code = main(["sweep", "--dataset", str(tmp_path / "not-read"), "--dims", "0", "--out", str(tmp_path / "run")])
+
+    assert code == 2
+    assert not (tmp_path / "run").exists()
 
 
 def test_bad_input_exits_with_message(tmp_path, scifact, scifact_embeddings):
