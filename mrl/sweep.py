@@ -27,8 +27,9 @@ DTYPES = ("f32", "bf16", "f16", "i8", "b1")
 RESCORE_DTYPES = ("i8", "b1")
 # A rescored dtype is recorded under its own dtype label, such as "b1+rescore".
 RESCORE_SUFFIX = "+rescore"
-# Queries are scored in blocks so that the block's score matrix stays near this many floats.
-SCORE_BLOCK_FLOATS = 1 << 25
+# Queries are scored in blocks so that the block's score matrix stays within this many floats
+# (64 MiB); an exact sweep keeps two such matrices per task.
+SCORE_BLOCK_FLOATS = 1 << 24
 # Corpus rows truncated and added to an HNSW index at a time.
 HNSW_ADD_ROWS = 1 << 16
 # An exact sweep keeps the rankings of at most this many bytes of dims in memory at once.
@@ -228,6 +229,13 @@ def top_k(scores: np.ndarray, k: int, kth: np.ndarray | None = None) -> np.ndarr
     return np.take_along_axis(positions, order, axis=1)
 
 
+def query_block_size(n_queries: int, n_docs: int) -> int:
+    """Return how many queries to score at once: blocks of equal size, each within SCORE_BLOCK_FLOATS scores."""
+    largest = max(1, SCORE_BLOCK_FLOATS // max(n_docs, 1))
+    n_blocks = -(-n_queries // largest)
+    return max(1, -(-n_queries // max(n_blocks, 1)))
+
+
 def exact_search(queries: np.ndarray, corpus: np.ndarray, k: int) -> SearchResult:
     """Brute-force search by inner product of unit vectors (cosine), best first.
 
@@ -237,7 +245,7 @@ def exact_search(queries: np.ndarray, corpus: np.ndarray, k: int) -> SearchResul
     n_queries, n_docs = len(queries), len(corpus)
     k = min(k, n_docs)
     ranked = np.empty((n_queries, k), dtype=np.int64)
-    block = max(1, SCORE_BLOCK_FLOATS // max(n_docs, 1))
+    block = query_block_size(n_queries, n_docs)
 
     for start in range(0, n_queries, block):
         ranked[start : start + block] = top_k(queries[start : start + block] @ corpus.T, k)
@@ -290,7 +298,7 @@ def exact_sweep_chunk(corpus: np.ndarray, queries: np.ndarray, dims: list[int], 
     """
     n_queries, n_docs = len(queries), len(corpus)
     k = min(k, n_docs)
-    block = max(1, SCORE_BLOCK_FLOATS // max(n_docs, 1))
+    block = query_block_size(n_queries, n_docs)
     ranked = {dim: np.empty((n_queries, k), dtype=np.int64) for dim in dims}
     seconds = dict.fromkeys(dims, 0.0)
     zero_queries = dict.fromkeys(dims, 0)
