@@ -21,7 +21,7 @@ def measure_file_stem(measure: str) -> str:
 def measure_chart(metrics: pd.DataFrame, measure: str, title: str) -> alt.Chart:
     """Plot one measure against truncation dim, one line per index and dtype, with tooltips.
 
-    ``metrics`` holds at most one row per (index, dtype, dim) for the measure, so
+    ``metrics`` contains at most one row per (index, dtype, dim) for the measure, so
     1..1024 dims with two indexes and one dtype stay well under Altair's 5,000-row limit.
     """
     data = metrics.loc[metrics["measure"] == measure].copy()
@@ -29,7 +29,7 @@ def measure_chart(metrics: pd.DataFrame, measure: str, title: str) -> alt.Chart:
         data["dtype"] = "f32"
     data = data[["index", "dtype", "dim", "value", "n_queries"]]
     several_dtypes = data["dtype"].nunique() > 1
-    # With several dtypes, colour tells the dtypes apart and dashes the indexes; otherwise colour is the index.
+    # With several dtypes, colour distinguishes the dtypes and dashes the indexes. Otherwise colour is the index.
     color = alt.Color("dtype:N", title="dtype") if several_dtypes else alt.Color("index:N", title="index")
     encodings = {"strokeDash": alt.StrokeDash("index:N", title="index")} if several_dtypes else {}
     return (
