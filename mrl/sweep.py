@@ -28,7 +28,7 @@ RESCORE_DTYPES = ("i8", "b1")
 # A rescored dtype is recorded under its own dtype label, such as "b1+rescore".
 RESCORE_SUFFIX = "+rescore"
 # Queries are scored in blocks so that the block's score matrix stays within this many floats
-# (64 MiB); an exact sweep keeps two such matrices per task.
+# (64 MiB). An exact sweep keeps two such matrices per task.
 SCORE_BLOCK_FLOATS = 1 << 24
 # Corpus rows truncated and added to an HNSW index at a time.
 HNSW_ADD_ROWS = 1 << 16
@@ -36,8 +36,10 @@ HNSW_ADD_ROWS = 1 << 16
 EXACT_RESULT_BYTES = 1 << 28
 # Temporary floats an exact sweep allocates to add several dims to its dot products at once.
 UPDATE_FLOATS = 1 << 22
-# An exact sweep scores its first dim from a fresh product when it is at most this large; see exact_sweep_chunk.
+# An exact sweep scores its first dim from a fresh product when it is at most this large; see exact_tile.
 FRESH_MAX_DIM = 8
+# Minimum queries per tile of scores: below it an exact sweep splits the corpus into tiles too; see tile_shape.
+MIN_TILE_QUERIES = 32
 
 
 @dataclass(frozen=True)
@@ -195,10 +197,11 @@ def top_k(scores: np.ndarray, k: int, kth: np.ndarray | None = None) -> np.ndarr
     """Return the positions of each row's ``k`` highest scores, best first, equal scores by lower position.
 
     np.partition on the values finds each row's k-th highest score, and a mask picks the
-    positions at or above it. On a 300 x 5,183 float32 matrix this takes 1.7 ms against
-    2.5 ms for np.argpartition, which moves an int64 index array (numpy 2.4, one core of
-    an AMD EPYC VM). It also makes ties at the k-th place deterministic, because of the
-    positions tied there the lowest are kept.
+    positions at or above it. That is as fast as np.argpartition and ordering its k (2.7
+    ms for a 300 x 5,183 float32 matrix, numpy 2.4 on one AMD EPYC core). But it makes
+    ties at the k-th place deterministic, because of the positions tied there the lowest
+    are kept. It also needs 1 byte of mask per score where np.argpartition moves an int64
+    index array, and at dim 1, where most scores tie, it takes 3.7 ms against 10 ms.
 
     ``kth``, each row's k-th highest score, skips the partition when the caller has it.
     """
@@ -288,68 +291,134 @@ def exact_sweep(corpus: np.ndarray, queries: np.ndarray, dims: list[int], k: int
         yield from exact_sweep_chunk(corpus, queries, dims[start : start + chunk], k)
 
 
+def tile_shape(n_queries: int, n_docs: int) -> tuple[int, int]:
+    """Return the queries and documents of one tile of scores, at most SCORE_BLOCK_FLOATS of them.
+
+    A tile spans the whole corpus while that leaves room for MIN_TILE_QUERIES queries.
+    Beyond that the corpus is split too, because each tile reads its corpus columns once
+    per dim, and with only a few queries per tile that reading would outweigh the
+    scoring. Tiles are of equal size along each axis.
+    """
+    query_rows = query_block_size(n_queries, n_docs)
+    if query_rows >= min(n_queries, MIN_TILE_QUERIES):
+        return query_rows, n_docs
+    query_rows = -(-n_queries // -(-n_queries // MIN_TILE_QUERIES))
+    largest_doc_rows = max(1, SCORE_BLOCK_FLOATS // query_rows)
+    return query_rows, -(-n_docs // -(-n_docs // largest_doc_rows))
+
+
 def exact_sweep_chunk(corpus: np.ndarray, queries: np.ndarray, dims: list[int], k: int) -> list[ExactDim]:
-    """Search ascending ``dims`` exactly, one block of queries at a time; see ``exact_sweep``.
+    """Search ascending ``dims`` exactly, one tile of queries x documents at a time; see ``exact_sweep``.
+
+    When the corpus spans several tiles, each tile's top k per dim is merged into the
+    running top k of the tiles before it, so a task's memory stays bounded however large
+    the corpus is.
+    """
+    n_queries, n_docs = len(queries), len(corpus)
+    k = min(k, n_docs)
+    query_rows, doc_rows = tile_shape(n_queries, n_docs)
+    ranked = {dim: np.empty((n_queries, k), dtype=np.int64) for dim in dims}
+    seconds = dict.fromkeys(dims, 0.0)
+    zero_queries = dict.fromkeys(dims, 0)
+    zero_docs = dict.fromkeys(dims, 0)
+
+    for query_start in range(0, n_queries, query_rows):
+        query_block = queries[query_start : query_start + query_rows]
+        best: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for doc_start in range(0, n_docs, doc_rows):
+            for tile in exact_tile(corpus[doc_start : doc_start + doc_rows], query_block, dims, k):
+                seconds[tile.dim] += tile.seconds
+                zero_docs[tile.dim] += tile.zero_docs if query_start == 0 else 0
+                zero_queries[tile.dim] += tile.zero_queries if doc_start == 0 else 0
+                found = (tile.positions + doc_start, tile.scores)
+                best[tile.dim] = merge_top_k(best[tile.dim], found, k) if tile.dim in best else found
+        for dim, (positions, _) in best.items():
+            ranked[dim][query_start : query_start + len(query_block)] = positions
+
+    counts = np.full(n_queries, k, dtype=np.int64)
+    return [
+        ExactDim(dim=dim, result=SearchResult(ranked=ranked[dim], counts=counts, seconds=seconds[dim]), zero_docs=zero_docs[dim], zero_queries=zero_queries[dim])
+        for dim in dims
+    ]
+
+
+@dataclass
+class TileTopK:
+    """One tile's top k at one dim: positions within the tile, best first, their scores, and the tile's zero-vector counts."""
+
+    dim: int
+    positions: np.ndarray
+    scores: np.ndarray
+    zero_docs: int
+    zero_queries: int
+    seconds: float
+
+
+def exact_tile(corpus: np.ndarray, queries: np.ndarray, dims: list[int], k: int) -> Iterator[TileTopK]:
+    """Yield the top k of every dim in ``dims`` for one tile of queries x documents, extending dot products dim by dim.
 
     A first dim up to FRESH_MAX_DIM is scored from freshly truncated and renormalised
     vectors, exactly as ``exact_search`` scores it. The smallest dims are where many
     documents tie exactly (at dim 1 every cosine is -1, 0 or 1), and a fresh product keeps
     those ties exact, so they are broken by corpus position rather than by rounding noise.
     """
-    n_queries, n_docs = len(queries), len(corpus)
+    n_docs = len(corpus)
     k = min(k, n_docs)
-    block = query_block_size(n_queries, n_docs)
-    ranked = {dim: np.empty((n_queries, k), dtype=np.int64) for dim in dims}
-    seconds = dict.fromkeys(dims, 0.0)
-    zero_queries = dict.fromkeys(dims, 0)
-    zero_docs: dict[int, int] = {}
+    # Two score matrices are all the working memory: BLAS updates dots in place, and the
+    # partition runs in place in scaled, which is then recomputed.
+    dots = np.empty((len(queries), n_docs), dtype=np.float32)
+    scaled = np.empty_like(dots)
+    doc_norms = np.zeros(n_docs)
+    query_norms = np.zeros(len(queries))
+    previous = 0
 
-    for start in range(0, n_queries, block):
-        query_block = queries[start : start + block]
-        # Two score matrices per block are all the working memory: BLAS updates dots in place,
-        # and the partition runs in place in scaled, which is then recomputed.
-        dots = np.empty((len(query_block), n_docs), dtype=np.float32)
-        scaled = np.empty_like(dots)
-        doc_norms = np.zeros(n_docs)
-        query_norms = np.zeros(len(query_block))
-        previous = 0
+    for dim in dims:
+        started = time.perf_counter()
+        doc_slice = corpus[:, previous:dim]
+        query_slice = queries[:, previous:dim]
+        if previous == 0:
+            np.matmul(query_slice, doc_slice.T, out=dots)
+        else:
+            add_product(dots, query_slice, doc_slice)
+        # Each step's squares sum in float32, as truncate's norms do, and accumulate across dims in
+        # float64. einsum reads the strided slice in place, where a dtype=float64 argument would copy it.
+        doc_norms += np.einsum("ij,ij->i", doc_slice, doc_slice)
+        query_norms += np.einsum("ij,ij->i", query_slice, query_slice)
 
-        for dim in dims:
-            started = time.perf_counter()
-            doc_slice = corpus[:, previous:dim]
-            query_slice = query_block[:, previous:dim]
-            if previous == 0:
-                np.matmul(query_slice, doc_slice.T, out=dots)
-            else:
-                add_product(dots, query_slice, doc_slice)
-            # Each step's squares sum in float32, as truncate's norms do, and accumulate across dims in
-            # float64. einsum reads the strided slice in place, where a dtype=float64 argument would copy it.
-            doc_norms += np.einsum("ij,ij->i", doc_slice, doc_slice)
-            query_norms += np.einsum("ij,ij->i", query_slice, query_slice)
+        if previous == 0 and dim <= FRESH_MAX_DIM:
+            unit_queries, unit_docs = truncate(queries, dim)[0], truncate(corpus, dim)[0]
+            score = partial(np.matmul, unit_queries, unit_docs.T, out=scaled)
+        else:
+            score = partial(scale_columns, dots, doc_norms, scaled)
+        if k == n_docs:
+            positions = top_k(score(), k)
+        else:
+            # Partition in place, then score again: cheaper in memory than np.partition's copy.
+            score().partition(n_docs - k, axis=1)
+            kth = scaled[:, n_docs - k].copy()
+            positions = top_k(score(), k, kth)
+        previous = dim
 
-            if previous == 0 and dim <= FRESH_MAX_DIM:
-                unit_queries, unit_docs = truncate(query_block, dim)[0], truncate(corpus, dim)[0]
-                score = partial(np.matmul, unit_queries, unit_docs.T, out=scaled)
-            else:
-                score = partial(scale_columns, dots, doc_norms, scaled)
-            if k == n_docs:
-                ranked[dim][start : start + block] = top_k(score(), k)
-            else:
-                # Partition in place, then score again: cheaper in memory than np.partition's copy.
-                score().partition(n_docs - k, axis=1)
-                kth = scaled[:, n_docs - k].copy()
-                ranked[dim][start : start + block] = top_k(score(), k, kth)
-            previous = dim
+        yield TileTopK(
+            dim=dim,
+            positions=positions,
+            scores=np.take_along_axis(scaled, positions, axis=1),
+            zero_docs=int((doc_norms == 0).sum()),
+            zero_queries=int((query_norms == 0).sum()),
+            seconds=time.perf_counter() - started,
+        )
 
-            seconds[dim] += time.perf_counter() - started
-            zero_docs[dim] = int((doc_norms == 0).sum())
-            zero_queries[dim] += int((query_norms == 0).sum())
 
-    counts = np.full(n_queries, k, dtype=np.int64)
-    return [
-        ExactDim(dim=dim, result=SearchResult(ranked=ranked[dim], counts=counts, seconds=seconds[dim]), zero_docs=zero_docs.get(dim, 0), zero_queries=zero_queries[dim])
-        for dim in dims
-    ]
+def merge_top_k(first: tuple[np.ndarray, np.ndarray], second: tuple[np.ndarray, np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Merge two (positions, scores) top-k lists of the same queries into one, best first.
+
+    ``first`` comes from a tile of lower corpus positions, so a stable sort by score keeps
+    equal scores in corpus position order, as within a tile.
+    """
+    positions = np.concatenate([first[0], second[0]], axis=1)
+    scores = np.concatenate([first[1], second[1]], axis=1)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(positions, order, axis=1), np.take_along_axis(scores, order, axis=1)
 
 
 def add_product(dots: np.ndarray, query_columns: np.ndarray, doc_columns: np.ndarray) -> None:

@@ -227,20 +227,23 @@ def random_vectors(seed: int, n_docs: int, n_queries: int, dim: int) -> tuple[np
 
 
 @pytest.mark.parametrize(
-    ("dims", "block_floats", "result_bytes", "update_floats"),
+    ("dims", "block_floats", "min_tile_queries", "result_bytes", "update_floats"),
     [
-        (list(range(1, 25)), 1 << 25, 1 << 28, 1 << 22),
-        ([1, 2, 3, 7, 8, 15, 24], 1 << 25, 1 << 28, 1 << 22),
-        ([1, 2, 3, 7, 8, 15, 24], 1 << 25, 1 << 28, 1000),  # several query rows per update
-        ([2, 5, 24], 1 << 25, 1 << 28, 1 << 22),
-        ([12, 13, 24], 1 << 25, 1 << 28, 1 << 22),  # first dim above FRESH_MAX_DIM
-        (list(range(1, 25)), 2000, 1 << 28, 1 << 22),  # several query blocks
-        (list(range(1, 25)), 1 << 25, 30_000, 1 << 22),  # several chunks of dims
+        (list(range(1, 25)), 1 << 24, 32, 1 << 28, 1 << 22),
+        ([1, 2, 3, 7, 8, 15, 24], 1 << 24, 32, 1 << 28, 1 << 22),
+        ([1, 2, 3, 7, 8, 15, 24], 1 << 24, 32, 1 << 28, 1000),  # several query rows per update
+        ([2, 5, 24], 1 << 24, 32, 1 << 28, 1 << 22),
+        ([12, 13, 24], 1 << 24, 32, 1 << 28, 1 << 22),  # first dim above FRESH_MAX_DIM
+        (list(range(1, 25)), 2000, 1, 1 << 28, 1 << 22),  # blocks of 6 queries over the whole corpus
+        (list(range(1, 25)), 2000, 32, 1 << 28, 1 << 22),  # tiles of 19 queries x 100 documents
+        ([1, 2, 3, 7, 8, 15, 24], 600, 32, 1 << 28, 1 << 22),  # tiles of 19 queries x 30 documents
+        (list(range(1, 25)), 1 << 24, 32, 30_000, 1 << 22),  # several chunks of dims
     ],
-    ids=["all-dims", "gaps", "gaps-split-updates", "first-dim-above-1", "first-dim-above-fresh", "query-blocks", "dim-chunks"],
+    ids=["all-dims", "gaps", "gaps-split-updates", "first-dim-above-1", "first-dim-above-fresh", "query-blocks", "tiles", "small-tiles", "dim-chunks"],
 )
-def test_exact_sweep_matches_per_dim_search(monkeypatch, dims, block_floats, result_bytes, update_floats):
+def test_exact_sweep_matches_per_dim_search(monkeypatch, dims, block_floats, min_tile_queries, result_bytes, update_floats):
     monkeypatch.setattr(mrl.sweep, "SCORE_BLOCK_FLOATS", block_floats)
+    monkeypatch.setattr(mrl.sweep, "MIN_TILE_QUERIES", min_tile_queries, raising=False)
     monkeypatch.setattr(mrl.sweep, "EXACT_RESULT_BYTES", result_bytes)
     monkeypatch.setattr(mrl.sweep, "UPDATE_FLOATS", update_floats)
     corpus, queries = random_vectors(0, n_docs=300, n_queries=37, dim=24)
@@ -265,6 +268,22 @@ def test_exact_sweep_first_dim_is_exact_search():
     expected, _ = reference_search(corpus, queries, 1, 50)
     assert first.result.ranked.tolist() == expected.tolist()
     assert exact_search(truncate(queries, 1)[0], truncate(corpus, 1)[0], 50).ranked.tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize(
+    ("n_queries", "n_docs", "expected"),
+    [
+        (300, 5_183, (300, 5_183)),  # SciFact fits one tile
+        (100, 200_000, (50, 200_000)),  # two blocks of queries over the whole corpus
+        (1_000, 10_000_000, (32, 500_000)),  # corpus tiles once fewer than 32 queries would fit
+        (10, 10_000_000, (10, 1_666_667)),
+    ],
+)
+def test_tile_shape(n_queries, n_docs, expected):
+    query_rows, doc_rows = mrl.sweep.tile_shape(n_queries, n_docs)
+
+    assert (query_rows, doc_rows) == expected
+    assert query_rows * doc_rows <= mrl.sweep.SCORE_BLOCK_FLOATS
 
 
 def test_exact_sweep_k_above_corpus_size():
@@ -330,7 +349,7 @@ def test_sweep_dims_exact_rankings_on_scifact(scifact_vectors):
     for row in exact_sweep(embeddings.corpus, embeddings.queries, dims, 100):
         expected, scores = reference_search(embeddings.corpus, embeddings.queries, row.dim, 100)
         assert_same_up_to_near_ties(row.result.ranked, expected, scores)
-        # At dim 2 a cosine is the cosine of one angle, and near-ties are common; from dim 8 on
+        # At dim 2 a cosine is the cosine of one angle, so near-ties are common. From dim 8 on,
         # at most 2% of queries differ anywhere in their top 100.
         if row.dim >= 8:
             assert (row.result.ranked != expected).any(axis=1).mean() <= 0.02
