@@ -71,7 +71,7 @@ PACKAGES = ("numpy", "ray", "usearch", "ir-measures", "chromadb", "torch", "sent
 
 COMPARISONS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt}
 TARGETS = {
-    "exact_vs_lower_bound": ("exact sweep / lower bound, one core each", "<=", 3.0),
+    "exact_vs_lower_bound": ("exact sweep / faster lower bound, one core each", "<=", 3.0),
     "chroma_vs_hnsw": ("ChromaDB rebuild per dim / mrl HNSW sweep", ">=", 2.0),
     "hnsw_scaling": ("mrl HNSW sweep, 1 worker / 2 workers", ">=", 1.6),
     "synthetic_memory": ("peak sweep memory / corpus matrix size", "<", 2.0),
@@ -545,7 +545,7 @@ def run_real(args: argparse.Namespace) -> dict:
 
     if "lower-bound" not in args.skip:
         timing = timings["lower_bound"] = Timing("4. lower bound: top-k alone, 1 core", note="mrl.sweep.top_k over precomputed score matrices")
-        argpartition = timings["lower_bound_argpartition"] = Timing("   top-k with np.argpartition, 1 core", note="for reference")
+        argpartition = timings["lower_bound_argpartition"] = Timing("4. lower bound with np.argpartition, 1 core", note="the same, with np.argpartition and a sort of its k")
         for _ in range(args.repeats):
             lower_bound(inputs, dims, timing, argpartition)
 
@@ -642,13 +642,15 @@ def ratio(numerator: Timing | None, denominator: Timing | None) -> float | None:
 def summarise(args, name: str, dims: list[int], timings: dict[str, Timing], quality: dict, encoding: dict | None, extra: dict) -> dict:
     """Compute the ratios and target checks, and return everything the JSON file records."""
     workers = args.workers
+    # The lower bound is the faster of the two selections.
+    lower = min((timings[key] for key in ("lower_bound", "lower_bound_argpartition") if key in timings), key=lambda timing: timing.median, default=None)
     ratios: dict[str, float | None] = {
-        "exact_vs_lower_bound": ratio(timings.get("exact_1"), timings.get("lower_bound")),
+        "exact_vs_lower_bound": ratio(timings.get("exact_1"), lower),
         "chroma_vs_hnsw": ratio(timings.get("chroma"), timings.get(f"hnsw_{workers}")),
         "hnsw_scaling": ratio(timings.get("hnsw_1"), timings.get(f"hnsw_{workers}")) if workers > 1 else None,
     }
-    if timings.get(f"exact_{workers}") and timings.get("lower_bound") and workers > 1:
-        ratios["exact_parallel_vs_lower_bound_per_core"] = timings[f"exact_{workers}"].median / (timings["lower_bound"].median / workers)
+    if timings.get(f"exact_{workers}") and lower is not None and workers > 1:
+        ratios["exact_parallel_vs_lower_bound_per_core"] = timings[f"exact_{workers}"].median / (lower.median / workers)
     if "reencode" in timings and f"exact_{workers}" in timings and f"hnsw_{workers}" in timings:
         total = timings["embed_once"].median + timings[f"exact_{workers}"].median + timings[f"hnsw_{workers}"].median
         timings["mrl_total"] = Timing(f"   mrl total: embed once + exact + HNSW sweeps, {workers} worker(s)", runs=[total], note="embedding estimated")
